@@ -1,0 +1,260 @@
+// CPU kernels of the fused DDIM step (forward: x_{t-1} and log_prob; backward: d/d model_output).
+// Compiled once per instruction set with DDPO_CPU_ISA naming the namespace.
+//
+// Work is split into (sample, chunk of kChunk elements) items across the thread pool; each item
+// walks its elements in tiles of kTile: the inputs of a tile are converted to the compute type in
+// small L1-resident buffers, then plain loops over the buffers do the math (and vectorise), so the
+// dtype of each tensor is a run-time choice without a template per dtype combination.
+#include <algorithm>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "ddim_math.h"
+
+#ifndef DDPO_CPU_ISA
+#error "DDPO_CPU_ISA must name the instruction-set variant"
+#endif
+
+namespace ddpo {
+namespace DDPO_CPU_ISA {
+namespace {
+
+constexpr int kTile = 256;
+
+template <typename T>
+void load_tile(uintptr_t base, int32_t dtype, int64_t offset, int n, T* out) {
+  switch (dtype) {
+    case kFloat32: {
+      const float* p = reinterpret_cast<const float*>(base) + offset;
+      for (int j = 0; j < n; ++j) out[j] = T(p[j]);
+      break;
+    }
+    case kFloat64: {
+      const double* p = reinterpret_cast<const double*>(base) + offset;
+      for (int j = 0; j < n; ++j) out[j] = T(p[j]);
+      break;
+    }
+    case kFloat16: {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(base) + offset;
+      for (int j = 0; j < n; ++j) out[j] = T(fp16_bits_to_float(p[j]));
+      break;
+    }
+    default: {  // kBFloat16
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(base) + offset;
+      for (int j = 0; j < n; ++j) out[j] = T(bf16_bits_to_float(p[j]));
+      break;
+    }
+  }
+}
+
+// Stores values[0, n) in `dtype`; with kReadBack, values is replaced by what was stored (rounded).
+template <bool kReadBack, typename T>
+void store_tile(uintptr_t base, int32_t dtype, int64_t offset, int n, T* values) {
+  switch (dtype) {
+    case kFloat32: {
+      float* p = reinterpret_cast<float*>(base) + offset;
+      for (int j = 0; j < n; ++j) {
+        float v = float(values[j]);
+        p[j] = v;
+        if (kReadBack) values[j] = T(v);
+      }
+      break;
+    }
+    case kFloat64: {
+      double* p = reinterpret_cast<double*>(base) + offset;
+      for (int j = 0; j < n; ++j) p[j] = double(values[j]);
+      break;
+    }
+    case kFloat16: {
+      uint16_t* p = reinterpret_cast<uint16_t*>(base) + offset;
+      for (int j = 0; j < n; ++j) {
+        uint16_t h = float_to_fp16_bits(float(values[j]));
+        p[j] = h;
+        if (kReadBack) values[j] = T(fp16_bits_to_float(h));
+      }
+      break;
+    }
+    default: {  // kBFloat16
+      uint16_t* p = reinterpret_cast<uint16_t*>(base) + offset;
+      for (int j = 0; j < n; ++j) {
+        uint16_t h = float_to_bf16_bits(float(values[j]));
+        p[j] = h;
+        if (kReadBack) values[j] = T(bf16_bits_to_float(h));
+      }
+      break;
+    }
+  }
+}
+
+// m = model output of sample b, elements [i, i + n), after classifier-free guidance.
+template <typename T>
+void load_guided_tile(const DdimArgs& a, int64_t b, int64_t i, int n, T* m, T* scratch) {
+  load_tile(a.model_output, a.model_output_dtype, b * a.numel + i, n, m);
+  if (!a.cfg) return;
+  load_tile(a.model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, scratch);
+  const T w = T(a.guidance_scale);
+  for (int j = 0; j < n; ++j) m[j] = m[j] + w * (scratch[j] - m[j]);
+}
+
+// Normals g0 .. g0 + n - 1 of the Philox stream: whole blocks of 4 into `blocks`, then the window.
+template <typename T>
+void philox_tile(uint64_t g0, int n, uint64_t offset, uint64_t seed, T* z) {
+  alignas(64) float blocks[kTile + 8];
+  const uint64_t first = g0 >> 2;
+  const int count = int(((g0 + uint64_t(n) - 1) >> 2) - first + 1);
+  for (int q = 0; q < count; ++q) philox_normal4(first + uint64_t(q), offset, seed, blocks + 4 * q);
+  const int shift = int(g0 & 3);
+  for (int j = 0; j < n; ++j) z[j] = T(blocks[shift + j]);
+}
+
+// Sum over elements [i0, i1) of sample b of (x' - mu)^2; writes x' first when sampling.
+template <typename T, bool kClip>
+double forward_chunk(const DdimArgs& a, const StepCoef<T>& k, int64_t b, int64_t i0, int64_t i1) {
+  alignas(64) T m[kTile], scratch[kTile], x[kTile], xp[kTile], z[kTile];
+  const T range = T(a.clip_sample_range);
+  const bool use_clipped = a.use_clipped_model_output;
+  double total = 0.0;
+  for (int64_t i = i0; i < i1; i += kTile) {
+    const int n = int(std::min<int64_t>(kTile, i1 - i));
+    const int64_t at = b * a.numel + i;
+    load_guided_tile(a, b, i, n, m, scratch);
+    load_tile(a.sample, a.sample_dtype, at, n, x);
+    T acc = T(0);
+    if (a.sample_noise) {
+      if (a.noise != 0) {
+        load_tile(a.noise, a.noise_dtype, at, n, z);
+      } else {
+        philox_tile(uint64_t(at), n, a.offset, a.seed, z);
+      }
+      for (int j = 0; j < n; ++j) {
+        T mu, dmu;
+        ddim_mean<kClip>(k, x[j], m[j], range, use_clipped, mu, dmu);
+        scratch[j] = mu;
+        xp[j] = mu + k.sigma * z[j];
+      }
+      store_tile<true>(a.prev_sample, a.prev_sample_dtype, at, n, xp);
+#pragma omp simd reduction(+ : acc)
+      for (int j = 0; j < n; ++j) {
+        T diff = xp[j] - scratch[j];
+        acc += diff * diff;
+      }
+    } else {
+      load_tile(a.prev_sample, a.prev_sample_dtype, at, n, xp);
+#pragma omp simd reduction(+ : acc)
+      for (int j = 0; j < n; ++j) {
+        T mu, dmu;
+        ddim_mean<kClip>(k, x[j], m[j], range, use_clipped, mu, dmu);
+        T diff = xp[j] - mu;
+        acc += diff * diff;
+      }
+    }
+    total += double(acc);
+  }
+  return total;
+}
+
+// grad_model_output over elements [i0, i1) of sample b; c = grad_log_prob[b] / (sigma^2 numel).
+template <typename T, bool kClip>
+void backward_chunk(const DdimArgs& a, const StepCoef<T>& k, T c, int64_t b, int64_t i0, int64_t i1) {
+  alignas(64) T m[kTile], scratch[kTile], x[kTile], xp[kTile], gp[kTile], g[kTile];
+  const T range = T(a.clip_sample_range);
+  const bool use_clipped = a.use_clipped_model_output;
+  const T w = T(a.guidance_scale);
+  for (int64_t i = i0; i < i1; i += kTile) {
+    const int n = int(std::min<int64_t>(kTile, i1 - i));
+    const int64_t at = b * a.numel + i;
+    load_guided_tile(a, b, i, n, m, scratch);
+    load_tile(a.sample, a.sample_dtype, at, n, x);
+    load_tile(a.prev_sample, a.prev_sample_dtype, at, n, xp);
+    if (a.grad_prev_sample != 0) {
+      load_tile(a.grad_prev_sample, a.grad_prev_sample_dtype, at, n, gp);
+    } else {
+      std::fill(gp, gp + n, T(0));
+    }
+    for (int j = 0; j < n; ++j) {
+      T mu, dmu;
+      ddim_mean<kClip>(k, x[j], m[j], range, use_clipped, mu, dmu);
+      g[j] = dmu * (gp[j] + c * (xp[j] - mu));
+    }
+    if (!a.cfg) {
+      store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
+      continue;
+    }
+    // d m / d m_uncond = 1 - w, d m / d m_cond = w.
+    for (int j = 0; j < n; ++j) {
+      scratch[j] = w * g[j];
+      g[j] = g[j] - scratch[j];
+    }
+    store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
+    store_tile<false>(a.grad_model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, scratch);
+  }
+}
+
+template <typename T>
+std::vector<StepCoef<T>> step_coefficients(const DdimArgs& a) {
+  const T* alpha_t = reinterpret_cast<const T*>(a.alpha_t);
+  const T* alpha_prev = reinterpret_cast<const T*>(a.alpha_prev);
+  std::vector<StepCoef<T>> coef(size_t(a.batch));
+  for (int64_t b = 0; b < a.batch; ++b) coef[b] = make_step_coef<T>(alpha_t[b], alpha_prev[b], T(a.eta), a.prediction);
+  return coef;
+}
+
+template <typename T>
+void forward_impl(const DdimArgs& a) {
+  const int64_t chunks = chunks_per_sample(a.numel);
+  const auto coef = step_coefficients<T>(a);
+  std::vector<double> partial(size_t(a.batch * chunks));
+  parallel_for(a.batch * chunks, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, i0 = (item % chunks) * kChunk, i1 = std::min(a.numel, i0 + kChunk);
+      partial[item] = a.clip_sample ? forward_chunk<T, true>(a, coef[b], b, i0, i1)
+                                    : forward_chunk<T, false>(a, coef[b], b, i0, i1);
+    }
+  });
+  T* log_prob = reinterpret_cast<T*>(a.log_prob);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    double sumsq = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) sumsq += partial[b * chunks + c];
+    log_prob[b] = log_prob_from_sumsq(coef[b], T(sumsq), a.numel);
+  }
+}
+
+template <typename T>
+void backward_impl(const DdimArgs& a) {
+  const int64_t chunks = chunks_per_sample(a.numel);
+  const auto coef = step_coefficients<T>(a);
+  const T* grad_log_prob = reinterpret_cast<const T*>(a.grad_log_prob);
+  parallel_for(a.batch * chunks, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, i0 = (item % chunks) * kChunk, i1 = std::min(a.numel, i0 + kChunk);
+      const T c = grad_log_prob[b] * coef[b].inv_var / T(a.numel);
+      if (a.clip_sample) {
+        backward_chunk<T, true>(a, coef[b], c, b, i0, i1);
+      } else {
+        backward_chunk<T, false>(a, coef[b], c, b, i0, i1);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void forward(const DdimArgs& args) {
+  if (args.compute == kFloat64) {
+    forward_impl<double>(args);
+  } else {
+    forward_impl<float>(args);
+  }
+}
+
+void backward(const DdimArgs& args) {
+  if (args.compute == kFloat64) {
+    backward_impl<double>(args);
+  } else {
+    backward_impl<float>(args);
+  }
+}
+
+}  // namespace DDPO_CPU_ISA
+}  // namespace ddpo

@@ -1,0 +1,232 @@
+"""The compiled backends behind ddpo_fast.ops, and how one is chosen.
+
+Every backend takes one `DdimCall`: validated, contiguous tensors flattened to (rows, numel), with
+the outputs allocated by the caller. The C++ backends (CPU, CUDA) receive it as the torch-free
+`DdimArgs` struct of csrc/ddim_core.h; the Triton backend reads the tensors directly.
+
+Backend choice: the environment variable DDPO_FAST_BACKEND (`auto`, `reference`, `cpu`, `cuda`,
+`triton`) or `set_backend()`; `auto` picks the C++ kernels for the tensors' device when built, then
+Triton (CUDA tensors), then the plain-PyTorch reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+try:
+    from ddpo_fast import _C
+except ImportError:  # not built (e.g. a source checkout without `pip install`)
+    _C = None
+
+
+@dataclass
+class DdimCall:
+    """One fused DDIM call. Shapes: B samples of N elements; model_output has 2B rows with CFG."""
+
+    model_output: torch.Tensor  # (B or 2B, N)
+    sample: torch.Tensor  # (B, N), x_t
+    alpha_t: torch.Tensor  # (B,), compute dtype
+    alpha_prev: torch.Tensor  # (B,), compute dtype
+    prev_sample: torch.Tensor  # (B, N), x_{t-1}: written when sample_noise, read otherwise
+    log_prob: torch.Tensor | None = None  # (B,) out, compute dtype (forward)
+    eta: float = 1.0
+    guidance_scale: float | None = None
+    prediction: int = 0  # PREDICTION_CODES
+    clip_sample_range: float | None = None
+    use_clipped_model_output: bool = False
+    sample_noise: bool = False
+    noise: torch.Tensor | None = None  # (B, N); None: the Philox stream of (seed, offset)
+    seed: int = 0
+    offset: int = 0
+    # PPO stage (forward), run when old_log_prob is not None; all (B,) or 0-d, compute dtype.
+    old_log_prob: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    ppo_clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    loss: torch.Tensor | None = None
+    approx_kl: torch.Tensor | None = None
+    clipfrac: torch.Tensor | None = None
+    dloss_dlogp: torch.Tensor | None = None
+    # Backward.
+    grad_prev_sample: torch.Tensor | None = None  # (B, N), optional
+    grad_log_prob: torch.Tensor | None = None  # (B,), compute dtype
+    grad_model_output: torch.Tensor | None = None  # out, like model_output
+
+    @property
+    def batch(self) -> int:
+        return self.sample.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return self.sample.shape[1]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.alpha_t.dtype
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def core_args(call: DdimCall):
+    """The DdimArgs struct of the C++ core for `call`."""
+    a = _C.DdimArgs()
+    a.batch, a.numel = call.batch, call.numel
+    a.compute = DTYPE_CODES[call.compute_dtype]
+    a.eta = call.eta
+    a.cfg = call.guidance_scale is not None
+    a.guidance_scale = 1.0 if call.guidance_scale is None else call.guidance_scale
+    a.prediction = call.prediction
+    a.clip_sample = call.clip_sample_range is not None
+    a.clip_sample_range = 1.0 if call.clip_sample_range is None else call.clip_sample_range
+    a.use_clipped_model_output = call.use_clipped_model_output
+    a.model_output, a.model_output_dtype = _ptr(call.model_output), DTYPE_CODES[call.model_output.dtype]
+    a.sample, a.sample_dtype = _ptr(call.sample), DTYPE_CODES[call.sample.dtype]
+    a.alpha_t, a.alpha_prev = _ptr(call.alpha_t), _ptr(call.alpha_prev)
+    a.prev_sample, a.prev_sample_dtype = _ptr(call.prev_sample), DTYPE_CODES[call.prev_sample.dtype]
+    a.sample_noise = call.sample_noise
+    if call.noise is not None:
+        a.noise, a.noise_dtype = _ptr(call.noise), DTYPE_CODES[call.noise.dtype]
+    a.seed, a.offset = call.seed, call.offset
+    a.log_prob = _ptr(call.log_prob)
+    a.old_log_prob, a.advantages = _ptr(call.old_log_prob), _ptr(call.advantages)
+    a.ppo_clip_range, a.adv_clip_max = call.ppo_clip_range, call.adv_clip_max
+    a.loss, a.approx_kl, a.clipfrac = _ptr(call.loss), _ptr(call.approx_kl), _ptr(call.clipfrac)
+    a.dloss_dlogp = _ptr(call.dloss_dlogp)
+    if call.grad_prev_sample is not None:
+        a.grad_prev_sample = _ptr(call.grad_prev_sample)
+        a.grad_prev_sample_dtype = DTYPE_CODES[call.grad_prev_sample.dtype]
+    a.grad_log_prob, a.grad_model_output = _ptr(call.grad_log_prob), _ptr(call.grad_model_output)
+    return a
+
+
+# ---- Runners: each backend is an object with forward / backward / ppo taking a DdimCall ---------
+
+
+class _CoreCPU:
+    name = "cpu"
+
+    def forward(self, call: DdimCall) -> None:
+        _C.ddim_forward_cpu(core_args(call))
+
+    def backward(self, call: DdimCall) -> None:
+        _C.ddim_backward_cpu(core_args(call))
+
+    def ppo(self, call: DdimCall) -> None:
+        _C.ppo_forward_cpu(core_args(call))
+
+
+class _CoreCUDA:
+    name = "cuda"
+
+    @staticmethod
+    def _args(call: DdimCall, with_workspace: bool):
+        args = core_args(call)
+        device = call.sample.device
+        args.device = device.index if device.index is not None else torch.cuda.current_device()
+        args.stream = torch.cuda.current_stream(device).cuda_stream
+        if with_workspace:
+            chunks = _C.chunks_per_sample(call.numel)
+            call._workspace = torch.empty(call.batch * chunks, dtype=call.compute_dtype, device=device)
+            args.workspace = call._workspace.data_ptr()
+        return args
+
+    def forward(self, call: DdimCall) -> None:
+        _C.ddim_forward_cuda(self._args(call, with_workspace=True))
+
+    def backward(self, call: DdimCall) -> None:
+        _C.ddim_backward_cuda(self._args(call, with_workspace=False))
+
+    def ppo(self, call: DdimCall) -> None:
+        _C.ppo_forward_cuda(self._args(call, with_workspace=False))
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_backend_override: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for all later calls (None: back to DDPO_FAST_BACKEND / auto)."""
+    global _backend_override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend_override = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager forcing a backend, e.g. `with use_backend("triton"): ...`."""
+    previous = _backend_override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def requested_backend() -> str:
+    name = _backend_override or os.environ.get("DDPO_FAST_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"DDPO_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def cuda_kernels_built() -> bool:
+    return _C is not None and _C.built_with_cuda()
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend that runs on `device`: the requested one, checked, or the best available."""
+    name = requested_backend()
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpu" if _C is not None else "reference"
+        if device.type == "cuda":
+            if cuda_kernels_built():
+                return "cuda"
+            return "triton" if triton_available() else "reference"
+        return "reference"
+    if name == "cpu" and (_C is None or device.type != "cpu"):
+        raise RuntimeError(
+            f"backend 'cpu' needs the compiled extension ddpo_fast._C and CPU tensors "
+            f"(built: {_C is not None}, tensors on {device})"
+        )
+    if name == "cuda" and (not cuda_kernels_built() or device.type != "cuda"):
+        raise RuntimeError(
+            f"backend 'cuda' needs ddpo_fast._C built with CUDA and CUDA tensors "
+            f"(built with CUDA: {cuda_kernels_built()}, tensors on {device})"
+        )
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' needs the triton package")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("backend 'triton' runs on CPU tensors only with TRITON_INTERPRET=1")
+    return name
+
+
+def runner(name: str):
+    """The runner object of a compiled backend name ('cpu', 'cuda' or 'triton')."""
+    if name == "cpu":
+        return _CoreCPU()
+    if name == "cuda":
+        return _CoreCUDA()
+    if name == "triton":
+        from ddpo_fast.kernels import ddim as triton_ddim
+
+        return triton_ddim
+    raise ValueError(f"no compiled runner for backend {name!r}")

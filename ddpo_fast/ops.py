@@ -1,0 +1,696 @@
+"""Fused DDPO ops: the DDIM step with its Gaussian log-probability and the clipped PPO loss.
+
+Public functions (all accept CPU or CUDA tensors and dispatch to a backend, see
+ddpo_fast.backends):
+
+- ddim_step_with_logprob(scheduler, ...): drop-in for ddpo-pytorch's / trl's function of that name.
+- ddim_step_logprob(...): the same step on per-sample alpha products, noise from a tensor or from
+  the in-kernel counter-based Philox stream, and a chosen output dtype.
+- ppo_clip_loss(...): the clipped PPO (DDPO-IS) objective on per-sample log-probabilities.
+- ddim_ppo_loss(...): log-probability of stored x_{t-1} plus the PPO loss in one fused pass,
+  differentiable with respect to model_output (both CFG halves).
+
+The math is specified in ddpo_fast/reference.py. The compiled backends are registered as
+torch.library custom ops (namespace `ddpo_fast`) with fake implementations and autograd, so they
+work under torch.compile; on CUDA they never synchronise with the host.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ddpo_fast import reference
+from ddpo_fast.backends import (
+    PREDICTION_CODES,
+    DdimCall,
+    resolve_backend,
+    runner,
+    set_backend,
+    use_backend,
+)
+
+__all__ = [
+    "ddim_step_with_logprob",
+    "ddim_step_logprob",
+    "ppo_clip_loss",
+    "ddim_ppo_loss",
+    "scheduler_alphas",
+    "DdimStepOutput",
+    "set_backend",
+    "use_backend",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_INT64 = 2**63 - 1
+
+
+# ---- Validation: every bad input is a ValueError/TypeError that names the argument --------------
+
+
+def _check_tensor(name: str, t, *, contiguous: bool = True) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first), got strides {t.stride()}")
+    return t
+
+
+def _check_same_device(reference_name: str, reference_tensor: Tensor, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != reference_tensor.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference_tensor.device}")
+
+
+def _check_float64_consistency(**tensors: Optional[Tensor]) -> None:
+    """float64 inputs select float64 compute; mixing them with narrower floats is refused."""
+    present = {n: t for n, t in tensors.items() if t is not None}
+    wide = [n for n, t in present.items() if t.dtype == torch.float64]
+    if wide and len(wide) != len(present):
+        narrow = [n for n in present if n not in wide]
+        raise TypeError(f"{', '.join(wide)} are float64 but {', '.join(narrow)} are not: use float64 for all or none")
+
+
+def _check_number(name: str, value, *, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def _check_policy(eta, guidance_scale, prediction_type, clip_sample_range) -> tuple:
+    eta = _check_number("eta", eta, low=0.0, high=1.0)
+    if guidance_scale is not None:
+        guidance_scale = _check_number("guidance_scale", guidance_scale)
+    if prediction_type not in PREDICTION_CODES:
+        raise ValueError(f"prediction_type must be one of {tuple(PREDICTION_CODES)}, got {prediction_type!r}")
+    if clip_sample_range is not None:
+        clip_sample_range = _check_number("clip_sample_range", clip_sample_range, low=0.0, low_open=True)
+    return eta, guidance_scale, prediction_type, clip_sample_range
+
+
+def _check_latents(model_output: Tensor, sample: Tensor, guidance_scale) -> tuple[int, int]:
+    """(B, N) of a step: sample is (B, ...), model_output (B, ...) or, with CFG, (2B, ...)."""
+    _check_tensor("sample", sample)
+    _check_tensor("model_output", model_output)
+    if sample.dim() < 2:
+        raise ValueError(f"sample must have a batch dimension and at least one more, got shape {tuple(sample.shape)}")
+    batch, numel = sample.shape[0], sample[0].numel()
+    if batch == 0 or numel == 0:
+        raise ValueError(f"sample is empty (shape {tuple(sample.shape)})")
+    rows = 2 * batch if guidance_scale is not None else batch
+    if model_output.shape[1:] != sample.shape[1:] or model_output.shape[0] != rows:
+        detail = " ([uncond; cond] halves, because guidance_scale is set)" if guidance_scale is not None else ""
+        raise ValueError(
+            f"model_output must have shape {(rows,) + tuple(sample.shape[1:])}{detail}, got {tuple(model_output.shape)}"
+        )
+    _check_same_device("sample", sample, model_output=model_output)
+    return batch, numel
+
+
+def _per_sample_alphas(name: str, value, batch: int, like: Tensor) -> Tensor:
+    """A float or a (B,) tensor of alpha products -> a (B,) tensor on like's device."""
+    if isinstance(value, Tensor):
+        if value.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.dim() > 1 or value.numel() not in (1, batch):
+            raise ValueError(f"{name} must be a number or have {batch} elements (one per sample), got shape {tuple(value.shape)}")
+        _check_same_device("sample", like, **{name: value})
+        return value.reshape(-1).expand(batch)
+    value = _check_number(name, value)
+    return torch.full((batch,), value, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
+                      device=like.device)
+
+
+def _check_alpha_values(alpha_t: Tensor, alpha_prev: Tensor) -> None:
+    """0 < alpha_prod_t < 1, alpha_prod_t <= alpha_prod_t_prev <= 1: on CPU checked here; on an
+    accelerator with a device-side assert, so that no host synchronisation is needed."""
+    ok_t = ((alpha_t > 0) & (alpha_t < 1)).all()
+    ok_prev = ((alpha_prev > 0) & (alpha_prev <= 1) & (alpha_prev >= alpha_t)).all()
+    if alpha_t.device.type == "cpu":
+        if not bool(ok_t):
+            raise ValueError(f"alpha_prod_t must lie in (0, 1), got {alpha_t.tolist()}")
+        if not bool(ok_prev):
+            raise ValueError(
+                f"alpha_prod_t_prev must lie in (0, 1] and be >= alpha_prod_t, got {alpha_prev.tolist()} "
+                f"(alpha_prod_t {alpha_t.tolist()})"
+            )
+    else:
+        torch._assert_async(ok_t, "alpha_prod_t must lie in (0, 1)")
+        torch._assert_async(ok_prev, "alpha_prod_t_prev must lie in (0, 1] and be >= alpha_prod_t")
+
+
+def _check_seed(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= _MAX_INT64:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return value
+
+
+def _reject_grad(op: str, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{op} is differentiable only with respect to model_output: detach {name}")
+
+
+def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    return reference.compute_dtype(*tensors)
+
+
+# ---- Custom ops (compiled backends) ------------------------------------------------------------
+
+
+def _flat(t: Optional[Tensor], rows: int) -> Optional[Tensor]:
+    return None if t is None else t.reshape(rows, -1)
+
+
+def _run_step(model_output, sample, alpha_t, alpha_prev, prev_sample, noise, seed, offset, eta,
+              guidance_scale, prediction, clip_sample_range, use_clipped_model_output, out_dtype):
+    batch = sample.shape[0]
+    rows = model_output.shape[0]
+    sampling = prev_sample is None
+    prev = torch.empty(sample.shape, dtype=out_dtype, device=sample.device) if sampling else prev_sample
+    call = DdimCall(
+        model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
+        alpha_prev=alpha_prev, prev_sample=_flat(prev, batch),
+        log_prob=torch.empty(batch, dtype=alpha_t.dtype, device=sample.device),
+        eta=eta, guidance_scale=guidance_scale, prediction=prediction,
+        clip_sample_range=clip_sample_range, use_clipped_model_output=use_clipped_model_output,
+        sample_noise=sampling, noise=_flat(noise, batch), seed=seed, offset=offset,
+    )
+    runner(resolve_backend(sample.device)).forward(call)
+    return prev, call.log_prob
+
+
+@torch.library.custom_op("ddpo_fast::ddim_step", mutates_args=())
+def _ddim_step_op(
+    model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, noise: Optional[Tensor],
+    seed: int, offset: int, eta: float, guidance_scale: Optional[float], prediction: int,
+    clip_sample_range: Optional[float], use_clipped_model_output: bool, out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    return _run_step(model_output, sample, alpha_t, alpha_prev, None, noise, seed, offset, eta,
+                     guidance_scale, prediction, clip_sample_range, use_clipped_model_output, out_dtype)
+
+
+@_ddim_step_op.register_fake
+def _(model_output, sample, alpha_t, alpha_prev, noise, seed, offset, eta, guidance_scale, prediction,
+      clip_sample_range, use_clipped_model_output, out_dtype):
+    return sample.new_empty(sample.shape, dtype=out_dtype), alpha_t.new_empty(sample.shape[0])
+
+
+@torch.library.custom_op("ddpo_fast::ddim_log_prob", mutates_args=())
+def _ddim_log_prob_op(
+    model_output: Tensor, sample: Tensor, prev_sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor,
+    eta: float, guidance_scale: Optional[float], prediction: int, clip_sample_range: Optional[float],
+    use_clipped_model_output: bool,
+) -> Tensor:
+    _, log_prob = _run_step(model_output, sample, alpha_t, alpha_prev, prev_sample, None, 0, 0, eta,
+                            guidance_scale, prediction, clip_sample_range, use_clipped_model_output, prev_sample.dtype)
+    return log_prob
+
+
+@_ddim_log_prob_op.register_fake
+def _(model_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale, prediction,
+      clip_sample_range, use_clipped_model_output):
+    return alpha_t.new_empty(sample.shape[0])
+
+
+@torch.library.custom_op("ddpo_fast::ddim_step_backward", mutates_args=())
+def _ddim_step_backward_op(
+    grad_prev_sample: Optional[Tensor], grad_log_prob: Tensor, model_output: Tensor, sample: Tensor,
+    prev_sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, eta: float, guidance_scale: Optional[float],
+    prediction: int, clip_sample_range: Optional[float], use_clipped_model_output: bool,
+) -> Tensor:
+    batch, rows = sample.shape[0], model_output.shape[0]
+    grad = torch.empty_like(model_output)
+    if grad_prev_sample is not None:
+        grad_prev_sample = grad_prev_sample.contiguous()
+    call = DdimCall(
+        model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
+        alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch), eta=eta,
+        guidance_scale=guidance_scale, prediction=prediction, clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
+        grad_prev_sample=_flat(grad_prev_sample, batch),
+        grad_log_prob=grad_log_prob.to(alpha_t.dtype).contiguous(), grad_model_output=_flat(grad, rows),
+    )
+    runner(resolve_backend(sample.device)).backward(call)
+    return grad
+
+
+@_ddim_step_backward_op.register_fake
+def _(grad_prev_sample, grad_log_prob, model_output, sample, prev_sample, alpha_t, alpha_prev, eta,
+      guidance_scale, prediction, clip_sample_range, use_clipped_model_output):
+    return torch.empty_like(model_output)
+
+
+def _policy_args(inputs) -> dict:
+    """The non-tensor policy arguments of a step op, by name, from its saved inputs."""
+    names = ("eta", "guidance_scale", "prediction", "clip_sample_range", "use_clipped_model_output")
+    return {n: inputs[n] for n in names}
+
+
+def _step_backward(ctx, grad_prev_sample, grad_log_prob):
+    model_output, sample, prev_sample, alpha_t, alpha_prev = ctx.saved_tensors
+    if grad_log_prob is None:
+        grad_log_prob = torch.zeros_like(alpha_t)
+    return _ddim_step_backward_op(grad_prev_sample, grad_log_prob, model_output, sample, prev_sample,
+                                  alpha_t, alpha_prev, **ctx.policy)
+
+
+def _setup_step(ctx, inputs, output):
+    args = dict(zip(("model_output", "sample", "alpha_t", "alpha_prev", "noise", "seed", "offset", "eta",
+                     "guidance_scale", "prediction", "clip_sample_range", "use_clipped_model_output",
+                     "out_dtype"), inputs))
+    ctx.save_for_backward(args["model_output"], args["sample"], output[0], args["alpha_t"], args["alpha_prev"])
+    ctx.policy = _policy_args(args)
+
+
+def _backward_step(ctx, grad_prev_sample, grad_log_prob):
+    grad = _step_backward(ctx, grad_prev_sample, grad_log_prob)
+    return (grad,) + (None,) * 12
+
+
+_ddim_step_op.register_autograd(_backward_step, setup_context=_setup_step)
+
+
+def _setup_log_prob(ctx, inputs, output):
+    args = dict(zip(("model_output", "sample", "prev_sample", "alpha_t", "alpha_prev", "eta", "guidance_scale",
+                     "prediction", "clip_sample_range", "use_clipped_model_output"), inputs))
+    ctx.save_for_backward(args["model_output"], args["sample"], args["prev_sample"], args["alpha_t"],
+                          args["alpha_prev"])
+    ctx.policy = _policy_args(args)
+
+
+def _backward_log_prob(ctx, grad_log_prob):
+    grad = _step_backward(ctx, None, grad_log_prob)
+    return (grad,) + (None,) * 9
+
+
+_ddim_log_prob_op.register_autograd(_backward_log_prob, setup_context=_setup_log_prob)
+
+
+def _ppo_outputs(batch: int, like: Tensor) -> dict:
+    return {
+        "loss": like.new_empty(()), "approx_kl": like.new_empty(()), "clipfrac": like.new_empty(()),
+        "dloss_dlogp": like.new_empty(batch),
+    }
+
+
+@torch.library.custom_op("ddpo_fast::ddim_ppo_loss", mutates_args=())
+def _ddim_ppo_loss_op(
+    model_output: Tensor, sample: Tensor, prev_sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor,
+    old_log_prob: Tensor, advantages: Tensor, eta: float, guidance_scale: Optional[float], prediction: int,
+    clip_sample_range: Optional[float], use_clipped_model_output: bool, clip_range: float, adv_clip_max: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    batch, rows = sample.shape[0], model_output.shape[0]
+    outputs = _ppo_outputs(batch, alpha_t)
+    call = DdimCall(
+        model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
+        alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch), log_prob=alpha_t.new_empty(batch),
+        eta=eta, guidance_scale=guidance_scale, prediction=prediction, clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output, old_log_prob=old_log_prob, advantages=advantages,
+        ppo_clip_range=clip_range, adv_clip_max=adv_clip_max, **outputs,
+    )
+    runner(resolve_backend(sample.device)).forward(call)
+    return outputs["loss"], call.log_prob, outputs["approx_kl"], outputs["clipfrac"], outputs["dloss_dlogp"]
+
+
+@_ddim_ppo_loss_op.register_fake
+def _(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, eta, guidance_scale,
+      prediction, clip_sample_range, use_clipped_model_output, clip_range, adv_clip_max):
+    batch = sample.shape[0]
+    return (alpha_t.new_empty(()), alpha_t.new_empty(batch), alpha_t.new_empty(()), alpha_t.new_empty(()),
+            alpha_t.new_empty(batch))
+
+
+def _setup_ddim_ppo(ctx, inputs, output):
+    args = dict(zip(("model_output", "sample", "prev_sample", "alpha_t", "alpha_prev", "old_log_prob",
+                     "advantages", "eta", "guidance_scale", "prediction", "clip_sample_range",
+                     "use_clipped_model_output", "clip_range", "adv_clip_max"), inputs))
+    ctx.save_for_backward(args["model_output"], args["sample"], args["prev_sample"], args["alpha_t"],
+                          args["alpha_prev"], output[4])
+    ctx.policy = _policy_args(args)
+
+
+def _backward_ddim_ppo(ctx, grad_loss, *_unused_stat_grads):
+    model_output, sample, prev_sample, alpha_t, alpha_prev, dloss_dlogp = ctx.saved_tensors
+    grad_log_prob = dloss_dlogp * grad_loss
+    grad = _ddim_step_backward_op(None, grad_log_prob, model_output, sample, prev_sample, alpha_t, alpha_prev,
+                                  **ctx.policy)
+    return (grad,) + (None,) * 13
+
+
+_ddim_ppo_loss_op.register_autograd(_backward_ddim_ppo, setup_context=_setup_ddim_ppo)
+
+
+@torch.library.custom_op("ddpo_fast::ppo_clip_loss", mutates_args=())
+def _ppo_clip_loss_op(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, adv_clip_max: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch = log_prob.shape[0]
+    outputs = _ppo_outputs(batch, log_prob)
+    empty = log_prob.new_empty(batch, 1)
+    call = DdimCall(
+        model_output=empty, sample=empty, alpha_t=log_prob, alpha_prev=log_prob, prev_sample=empty,
+        log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, ppo_clip_range=clip_range,
+        adv_clip_max=adv_clip_max, **outputs,
+    )
+    runner(resolve_backend(log_prob.device)).ppo(call)
+    return outputs["loss"], outputs["approx_kl"], outputs["clipfrac"], outputs["dloss_dlogp"]
+
+
+@_ppo_clip_loss_op.register_fake
+def _(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
+    batch = log_prob.shape[0]
+    return log_prob.new_empty(()), log_prob.new_empty(()), log_prob.new_empty(()), log_prob.new_empty(batch)
+
+
+def _setup_ppo(ctx, inputs, output):
+    ctx.save_for_backward(output[3])
+
+
+def _backward_ppo(ctx, grad_loss, *_unused_stat_grads):
+    (dloss_dlogp,) = ctx.saved_tensors
+    return dloss_dlogp * grad_loss, None, None, None, None
+
+
+_ppo_clip_loss_op.register_autograd(_backward_ppo, setup_context=_setup_ppo)
+
+
+# ---- Public API --------------------------------------------------------------------------------
+
+
+class DdimStepOutput(NamedTuple):
+    """(prev_sample, log_prob); unpacks like ddpo-pytorch's tuple, and `.latents` / `.log_probs`
+    read like trl's DDPOSchedulerOutput."""
+
+    prev_sample: Tensor
+    log_prob: Tensor
+
+    @property
+    def latents(self) -> Tensor:
+        return self.prev_sample
+
+    @property
+    def log_probs(self) -> Tensor:
+        return self.log_prob
+
+
+def ddim_step_logprob(
+    model_output: Tensor,
+    sample: Tensor,
+    alpha_prod_t,
+    alpha_prod_t_prev,
+    *,
+    eta: float = 1.0,
+    noise: Optional[Tensor] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    prev_sample: Optional[Tensor] = None,
+    guidance_scale: Optional[float] = None,
+    prediction_type: str = "epsilon",
+    clip_sample_range: Optional[float] = None,
+    use_clipped_model_output: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+) -> DdimStepOutput:
+    """One DDIM step x_t -> x_{t-1} with the log-probability of x_{t-1}, per sample.
+
+    model_output: (B, ...) model prediction, or (2B, ...) [uncond; cond] halves when
+        `guidance_scale` is set (classifier-free guidance is fused).
+    sample: (B, ...) x_t. alpha_prod_t / alpha_prod_t_prev: floats or (B,) tensors.
+    noise / seed+offset: the Gaussian noise as a tensor, or generated in the kernel from the
+        counter-based Philox stream of (seed, offset) (reproducible; use offset for the step index).
+        With neither, a seed is drawn from torch's CPU generator.
+    prev_sample: if given, x_{t-1} is not sampled: its log-probability is returned with it.
+    out_dtype: dtype of the returned x_{t-1} (default sample.dtype); log_prob is computed from the
+        value as rounded to it.
+    Returns DdimStepOutput(prev_sample, log_prob) with log_prob (B,) in float32 (float64 for
+    float64 inputs): the mean over the non-batch dims; 0 for a deterministic step (sigma == 0).
+    """
+    eta, guidance_scale, prediction_type, clip_sample_range = _check_policy(
+        eta, guidance_scale, prediction_type, clip_sample_range)
+    batch, _ = _check_latents(model_output, sample, guidance_scale)
+    if prev_sample is not None:
+        _check_tensor("prev_sample", prev_sample)
+        if prev_sample.shape != sample.shape:
+            raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
+        _check_same_device("sample", sample, prev_sample=prev_sample)
+        for name, value in (("noise", noise), ("seed", seed), ("out_dtype", out_dtype)):
+            if value is not None:
+                raise ValueError(f"{name} cannot be combined with prev_sample (nothing is sampled)")
+    if noise is not None:
+        _check_tensor("noise", noise)
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
+        _check_same_device("sample", sample, noise=noise)
+        if seed is not None:
+            raise ValueError("give either noise or seed, not both")
+    offset = _check_seed("offset", offset)
+    if seed is not None:
+        seed = _check_seed("seed", seed)
+    elif prev_sample is None and noise is None:
+        seed = int(torch.randint(0, _MAX_INT64, (), dtype=torch.int64))
+    if out_dtype is None:
+        out_dtype = sample.dtype
+    elif out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16, bfloat16 or float64, got {out_dtype}")
+    alpha_t = _per_sample_alphas("alpha_prod_t", alpha_prod_t, batch, sample)
+    alpha_prev = _per_sample_alphas("alpha_prod_t_prev", alpha_prod_t_prev, batch, sample)
+    _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample, noise=noise)
+    dtype = _compute_dtype(model_output, sample, prev_sample)
+    alpha_t, alpha_prev = alpha_t.to(dtype).contiguous(), alpha_prev.to(dtype).contiguous()
+    _check_alpha_values(alpha_t, alpha_prev)
+    _reject_grad("ddim_step_logprob", sample=sample, noise=noise, alpha_prod_t=alpha_t, alpha_prod_t_prev=alpha_prev)
+
+    policy = dict(eta=eta, guidance_scale=guidance_scale, clip_sample_range=clip_sample_range,
+                  use_clipped_model_output=use_clipped_model_output)
+    if resolve_backend(sample.device) == "reference":
+        step = reference.ddim_step(model_output, sample, alpha_t, alpha_prev, noise=noise, seed=seed, offset=offset,
+                                   prev_sample=prev_sample, prediction_type=prediction_type, out_dtype=out_dtype,
+                                   **policy)
+        return DdimStepOutput(*step)
+    prediction = PREDICTION_CODES[prediction_type]
+    if prev_sample is not None:
+        log_prob = _ddim_log_prob_op(model_output, sample, prev_sample.detach(), alpha_t, alpha_prev,
+                                     prediction=prediction, **policy)
+        return DdimStepOutput(prev_sample, log_prob)
+    prev, log_prob = _ddim_step_op(model_output, sample, alpha_t, alpha_prev, noise, seed or 0, offset,
+                                   prediction=prediction, out_dtype=out_dtype, **policy)
+    return DdimStepOutput(prev, log_prob)
+
+
+def _check_ppo_inputs(log_prob_like: Tensor, old_log_prob, advantages, clip_range, adv_clip_max, batch: int):
+    clip_range = _check_number("clip_range", clip_range, low=0.0, low_open=True)
+    adv_clip_max = _check_number("adv_clip_max", adv_clip_max, low=0.0, low_open=True)
+    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages)):
+        _check_tensor(name, t, contiguous=False)
+        if t.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},) (one value per sample), got {tuple(t.shape)}")
+        _check_same_device("sample" if log_prob_like.dim() else "log_prob", log_prob_like, **{name: t})
+    return clip_range, adv_clip_max
+
+
+def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float,
+                  adv_clip_max: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO loss: mean over the batch of max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range)),
+    r = exp(log_prob - old_log_prob), A = advantages clamped to +-adv_clip_max.
+
+    Returns (loss, {"approx_kl", "clipfrac"}), 0-d tensors, differentiable w.r.t. log_prob only.
+    """
+    _check_tensor("log_prob", log_prob, contiguous=False)
+    if log_prob.dim() != 1 or log_prob.shape[0] == 0:
+        raise ValueError(f"log_prob must have shape (B,) with B >= 1, got {tuple(log_prob.shape)}")
+    batch = log_prob.shape[0]
+    clip_range, adv_clip_max = _check_ppo_inputs(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, batch)
+    _reject_grad("ppo_clip_loss", old_log_prob=old_log_prob, advantages=advantages)
+    if resolve_backend(log_prob.device) == "reference":
+        return reference.ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max)
+    dtype = _compute_dtype(log_prob, old_log_prob, advantages)
+    loss, approx_kl, clipfrac, _ = _ppo_clip_loss_op(
+        log_prob.to(dtype).contiguous(), old_log_prob.to(dtype).contiguous(), advantages.to(dtype).contiguous(),
+        clip_range, adv_clip_max)
+    return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach()}
+
+
+def ddim_ppo_loss(
+    model_output: Tensor,
+    sample: Tensor,
+    prev_sample: Tensor,
+    alpha_prod_t,
+    alpha_prod_t_prev,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    *,
+    clip_range: float,
+    adv_clip_max: float,
+    eta: float = 1.0,
+    guidance_scale: Optional[float] = None,
+    prediction_type: str = "epsilon",
+    clip_sample_range: Optional[float] = None,
+    use_clipped_model_output: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The DDPO-IS training loss of one timestep in one fused pass: the log-probability of the stored
+    x_{t-1} (`prev_sample`) under the current `model_output`, then `ppo_clip_loss` on it.
+
+    Differentiable with respect to model_output (both CFG halves); the stored latents, old
+    log-probabilities and advantages must not require grad. Returns (loss, {"approx_kl",
+    "clipfrac", "log_prob"}).
+    """
+    eta, guidance_scale, prediction_type, clip_sample_range = _check_policy(
+        eta, guidance_scale, prediction_type, clip_sample_range)
+    batch, _ = _check_latents(model_output, sample, guidance_scale)
+    _check_tensor("prev_sample", prev_sample)
+    if prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
+    _check_same_device("sample", sample, prev_sample=prev_sample)
+    clip_range, adv_clip_max = _check_ppo_inputs(sample, old_log_prob, advantages, clip_range, adv_clip_max, batch)
+    alpha_t = _per_sample_alphas("alpha_prod_t", alpha_prod_t, batch, sample)
+    alpha_prev = _per_sample_alphas("alpha_prod_t_prev", alpha_prod_t_prev, batch, sample)
+    _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample)
+    _reject_grad("ddim_ppo_loss", sample=sample, prev_sample=prev_sample, old_log_prob=old_log_prob,
+                 advantages=advantages, alpha_prod_t=alpha_t, alpha_prod_t_prev=alpha_prev)
+    dtype = _compute_dtype(model_output, sample, prev_sample)
+    alpha_t, alpha_prev = alpha_t.to(dtype).contiguous(), alpha_prev.to(dtype).contiguous()
+    _check_alpha_values(alpha_t, alpha_prev)
+    policy = dict(eta=eta, guidance_scale=guidance_scale, clip_sample_range=clip_sample_range,
+                  use_clipped_model_output=use_clipped_model_output)
+    if resolve_backend(sample.device) == "reference":
+        return reference.ddim_ppo_loss(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob,
+                                       advantages, clip_range=clip_range, adv_clip_max=adv_clip_max,
+                                       prediction_type=prediction_type, **policy)
+    loss, log_prob, approx_kl, clipfrac, _ = _ddim_ppo_loss_op(
+        model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob.to(dtype).contiguous(),
+        advantages.to(dtype).contiguous(), prediction=PREDICTION_CODES[prediction_type],
+        clip_range=clip_range, adv_clip_max=adv_clip_max, **policy)
+    return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach(), "log_prob": log_prob.detach()}
+
+
+# ---- diffusers DDIMScheduler adapter -----------------------------------------------------------
+
+# id(alphas_cumprod) -> (weak reference to it, {device: float32 copy}); tensors cannot be dict keys.
+_alphas_on_device: dict[int, tuple] = {}
+
+
+def _alphas_cumprod_on(scheduler, device: torch.device) -> Tensor:
+    """scheduler.alphas_cumprod as float32 on `device`, copied once per device."""
+    source = scheduler.alphas_cumprod
+    entry = _alphas_on_device.get(id(source))
+    if entry is None or entry[0]() is not source:
+        entry = (weakref.ref(source, lambda _, key=id(source), cache=_alphas_on_device: cache.pop(key, None)), {})
+        _alphas_on_device[id(source)] = entry
+    per_device = entry[1]
+    if device not in per_device:
+        per_device[device] = source.to(device=device, dtype=torch.float32)
+    return per_device[device]
+
+
+def _check_scheduler(scheduler) -> None:
+    for attribute in ("alphas_cumprod", "final_alpha_cumprod", "config", "num_inference_steps"):
+        if not hasattr(scheduler, attribute):
+            raise TypeError(f"scheduler must be a diffusers DDIMScheduler (missing {attribute!r}), got {type(scheduler).__name__}")
+    if scheduler.num_inference_steps is None:
+        raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps(...) first")
+    if getattr(scheduler.config, "thresholding", False):
+        raise NotImplementedError("scheduler.config.thresholding=True (dynamic thresholding) is not supported")
+
+
+def scheduler_alphas(scheduler, timestep, batch_size: int, device) -> tuple[Tensor, Tensor]:
+    """(alpha_prod_t, alpha_prod_t_prev), (B,) float32 on `device`, for a DDIMScheduler step at
+    `timestep` (an int, a 0-d tensor or one per sample).
+
+    Follows diffusers' DDIMScheduler.step: prev = t - num_train_timesteps // num_inference_steps,
+    and final_alpha_cumprod when prev < 0. (ddpo-pytorch and trl clamp prev to >= 0 first, which
+    differs from diffusers only when set_alpha_to_one=True.)
+    """
+    _check_scheduler(scheduler)
+    device = torch.device(device)
+    num_train = scheduler.config.num_train_timesteps
+    stride = num_train // scheduler.num_inference_steps
+    final = float(scheduler.final_alpha_cumprod)
+    if isinstance(timestep, Tensor):
+        t = timestep.to(device=device, dtype=torch.long).reshape(-1)
+        if t.numel() not in (1, batch_size):
+            raise ValueError(f"timestep must be one value or {batch_size} (one per sample), got shape {tuple(timestep.shape)}")
+        if t.device.type == "cpu" and not bool(((t >= 0) & (t < num_train)).all()):
+            raise ValueError(f"timestep must lie in [0, {num_train}), got {t.tolist()}")
+        alphas = _alphas_cumprod_on(scheduler, device)
+        prev = t - stride
+        alpha_t = alphas[t].expand(batch_size)
+        alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], torch.full_like(alpha_t[:1], final))
+        return alpha_t.contiguous(), alpha_prev.expand(batch_size).contiguous()
+    if isinstance(timestep, bool) or not isinstance(timestep, int):
+        raise TypeError(f"timestep must be an int or a tensor, got {type(timestep).__name__}")
+    if not 0 <= timestep < num_train:
+        raise ValueError(f"timestep must lie in [0, {num_train}), got {timestep}")
+    alpha_t = float(scheduler.alphas_cumprod[timestep])
+    prev = timestep - stride
+    alpha_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else final
+    return (torch.full((batch_size,), alpha_t, device=device), torch.full((batch_size,), alpha_prev, device=device))
+
+
+def _randn_like_diffusers(shape, generator, device, dtype) -> Tensor:
+    """Noise drawn exactly as diffusers' randn_tensor draws it (per-sample for a list of generators,
+    on the generator's device, then moved), so that a fixed generator gives the same numbers."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} generators but the batch has {shape[0]} samples")
+        parts = [_randn_like_diffusers((1,) + tuple(shape[1:]), g, device, dtype) for g in generator]
+        return torch.cat(parts)
+    draw_device = generator.device if generator.device.type == "cpu" else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: Tensor,
+    timestep,
+    sample: Tensor,
+    eta: float = 1.0,
+    prev_sample: Optional[Tensor] = None,
+    generator=None,
+    *,
+    guidance_scale: Optional[float] = None,
+    use_clipped_model_output: bool = False,
+) -> DdimStepOutput:
+    """Drop-in for ddpo-pytorch's `ddim_step_with_logprob` and trl's `scheduler_step`: one step of
+    a diffusers DDIMScheduler (after set_timesteps) with the log-probability of x_{t-1}.
+
+    Same arguments and results (within float32 rounding) for every DDIMScheduler configuration:
+    epsilon / sample / v_prediction, clip_sample, steps_offset, set_alpha_to_one, `timestep` an int
+    or one per sample. Differences, on purpose: the last step uses final_alpha_cumprod as diffusers
+    does (see scheduler_alphas); a step with sigma == 0 returns log_prob 0 instead of NaN;
+    log_prob is float32 and, for a narrower sample dtype, computed from the returned (rounded)
+    prev_sample. With `guidance_scale`, model_output holds the [uncond; cond] halves and CFG is
+    fused. Without `generator` the noise comes from the in-kernel Philox stream seeded from torch's
+    CPU generator; with one, it is drawn as diffusers draws it. Non-contiguous inputs are copied.
+    """
+    _check_scheduler(scheduler)
+    if prev_sample is not None and generator is not None:
+        raise ValueError("give either prev_sample or generator, not both: nothing is sampled when prev_sample is given")
+    _check_tensor("sample", sample, contiguous=False)
+    _check_tensor("model_output", model_output, contiguous=False)
+    config = scheduler.config
+    alpha_t, alpha_prev = scheduler_alphas(scheduler, timestep, sample.shape[0], sample.device)
+    noise = None
+    if prev_sample is None and generator is not None:
+        noise = _randn_like_diffusers(sample.shape, generator, sample.device, model_output.dtype)
+    return ddim_step_logprob(
+        model_output.contiguous(), sample.contiguous(), alpha_t, alpha_prev, eta=eta, noise=noise,
+        prev_sample=None if prev_sample is None else prev_sample.contiguous(), guidance_scale=guidance_scale,
+        prediction_type=config.prediction_type,
+        clip_sample_range=config.clip_sample_range if config.clip_sample else None,
+        use_clipped_model_output=use_clipped_model_output,
+    )
