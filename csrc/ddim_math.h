@@ -108,31 +108,33 @@ DDPO_HD void philox4x32_10(uint64_t block, uint64_t offset, uint64_t seed, uint3
 DDPO_HD float uint_to_unit(uint32_t x) { return float(((x >> 9) << 1) | 1u) * 5.9604644775390625e-08f; }
 
 // Natural log of a normal positive float: log(m 2^e) = e log 2 + 2 atanh((m - 1) / (m + 1)),
-// m in [sqrt(1/2), sqrt(2)).
+// m in [sqrt(1/2), sqrt(2)). Selections are integer arithmetic (no branches), so it vectorises.
 DDPO_HD float log_positive(float v) {
   uint32_t bits = float_as_bits(v);
-  int32_t e = int32_t((bits >> 23) & 0xFFu) - 127;
-  float m = bits_as_float((bits & 0x7FFFFFu) | 0x3F800000u);
-  bool halve = m > 1.41421356f;
-  m = halve ? m * 0.5f : m;
-  e = halve ? e + 1 : e;
+  uint32_t mant = (bits & 0x7FFFFFu) | 0x3F800000u;  // m in [1, 2)
+  uint32_t halve = mant > 0x3FB504F3u ? 1u : 0u;      // m > sqrt(2): use m / 2 and e + 1
+  float m = bits_as_float(mant - (halve << 23));
+  int32_t e = int32_t((bits >> 23) & 0xFFu) - 127 + int32_t(halve);
   float s = (m - 1.0f) / (m + 1.0f);
   float s2 = s * s;
   float tail = s2 * (0.333333333f + s2 * (0.2f + s2 * (0.142857143f + s2 * 0.111111111f)));
   return float(e) * 0.693147181f + (2.0f * s + 2.0f * s * tail);
 }
 
-// sin and cos of 2 pi u for u in [0, 1): reduce to the nearest quarter turn, then Taylor
-// polynomials on [-pi/4, pi/4].
+// sin and cos of 2 pi u for u in [0, 1): reduce to the nearest quarter turn q, Taylor polynomials
+// on [-pi/4, pi/4], then rotate by q quarter turns with sign and swap masks (no branches).
 DDPO_HD void sincos_2pi(float u, float& s, float& c) {
-  int32_t quarter = int32_t(4.0f * u + 0.5f);
+  uint32_t quarter = uint32_t(4.0f * u + 0.5f);
   float y = (u - 0.25f * float(quarter)) * 6.28318530717958648f;
   float y2 = y * y;
   float sy = y * (1.0f + y2 * (-1.66666667e-1f + y2 * (8.33333333e-3f + y2 * (-1.98412698e-4f + y2 * 2.75573192e-6f))));
   float cy = 1.0f + y2 * (-0.5f + y2 * (4.16666667e-2f + y2 * (-1.38888889e-3f + y2 * (2.48015873e-5f + y2 * -2.75573192e-7f))));
-  int32_t q = quarter & 3;
-  c = q == 0 ? cy : (q == 1 ? -sy : (q == 2 ? -cy : sy));
-  s = q == 0 ? sy : (q == 1 ? cy : (q == 2 ? -sy : -cy));
+  // Odd q: (cos, sin) = (-sin y, cos y); q & 2: both negated.
+  uint32_t swap = 0u - (quarter & 1u);
+  uint32_t negate = (quarter & 2u) << 30;
+  uint32_t sy_bits = float_as_bits(sy), cy_bits = float_as_bits(cy);
+  c = bits_as_float(((cy_bits & ~swap) | ((sy_bits ^ 0x80000000u) & swap)) ^ negate);
+  s = bits_as_float(((sy_bits & ~swap) | (cy_bits & swap)) ^ negate);
 }
 
 // The four standard normals of Philox block `block`: elements 4*block .. 4*block+3 of the stream.

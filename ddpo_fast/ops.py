@@ -107,7 +107,7 @@ def _check_latents(model_output: Tensor, sample: Tensor, guidance_scale) -> tupl
     _check_tensor("model_output", model_output)
     if sample.dim() < 2:
         raise ValueError(f"sample must have a batch dimension and at least one more, got shape {tuple(sample.shape)}")
-    batch, numel = sample.shape[0], sample[0].numel()
+    batch, numel = sample.shape[0], math.prod(sample.shape[1:])
     if batch == 0 or numel == 0:
         raise ValueError(f"sample is empty (shape {tuple(sample.shape)})")
     rows = 2 * batch if guidance_scale is not None else batch
@@ -135,11 +135,12 @@ def _per_sample_alphas(name: str, value, batch: int, like: Tensor) -> Tensor:
 
 
 def _check_alpha_values(alpha_t: Tensor, alpha_prev: Tensor) -> None:
-    """0 < alpha_prod_t < 1, alpha_prod_t <= alpha_prod_t_prev <= 1: on CPU checked here; on an
-    accelerator with a device-side assert, so that no host synchronisation is needed."""
+    """0 < alpha_prod_t < 1, alpha_prod_t <= alpha_prod_t_prev <= 1: in eager CPU code checked here;
+    on an accelerator or under torch.compile with a device-side assert, so that no host
+    synchronisation (or graph break) is needed."""
     ok_t = ((alpha_t > 0) & (alpha_t < 1)).all()
     ok_prev = ((alpha_prev > 0) & (alpha_prev <= 1) & (alpha_prev >= alpha_t)).all()
-    if alpha_t.device.type == "cpu":
+    if alpha_t.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok_t):
             raise ValueError(f"alpha_prod_t must lie in (0, 1), got {alpha_t.tolist()}")
         if not bool(ok_prev):

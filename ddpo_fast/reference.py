@@ -54,7 +54,7 @@ def philox4x32(counter: torch.Tensor, offset: int, seed: int) -> list[torch.Tens
 
     counter: int64 tensor of block indices (>= 0). Returns four int64 tensors holding uint32 values.
     """
-    c0, c1 = counter & _MASK32, counter >> 32
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32  # two's complement: any int64 bit pattern
     c2 = torch.full_like(counter, offset & _MASK32)
     c3 = torch.full_like(counter, (offset >> 32) & _MASK32)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
