@@ -150,8 +150,9 @@ def _step_in_child(queue, model_output, sample, a, p):
 
 
 def test_thread_pool_survives_fork(cpu_backend):
-    model_output, sample, _ = make_inputs(3, (4, 17, 23), torch.float32, cfg=False)
-    a, p = random_alphas(3)
+    # Large enough (>= 2**16 elements) to run on the thread pool, in the parent and in the child.
+    model_output, sample, _ = make_inputs(7, (4, 64, 64), torch.float32, cfg=False)
+    a, p = random_alphas(7)
     parent = ops.ddim_step_logprob(model_output, sample, a, p, seed=1).log_prob  # pool exists now
     context = multiprocessing.get_context("fork")
     queue = context.Queue()

@@ -21,6 +21,8 @@ namespace DDPO_CPU_ISA {
 namespace {
 
 constexpr int kTile = 256;
+// Below this many elements a call runs on the calling thread: waking workers would cost more.
+constexpr int64_t kParallelElements = 1 << 16;
 
 template <typename T>
 void load_tile(uintptr_t base, int32_t dtype, int64_t offset, int n, T* out) {
@@ -211,7 +213,7 @@ void forward_impl(const DdimArgs& a) {
       partial[item] = a.clip_sample ? forward_chunk<T, true>(a, coef[b], b, i0, i1)
                                     : forward_chunk<T, false>(a, coef[b], b, i0, i1);
     }
-  });
+  }, a.batch * a.numel >= kParallelElements);
   T* log_prob = reinterpret_cast<T*>(a.log_prob);
   for (int64_t b = 0; b < a.batch; ++b) {
     double sumsq = 0.0;
@@ -235,7 +237,7 @@ void backward_impl(const DdimArgs& a) {
         backward_chunk<T, false>(a, coef[b], c, b, i0, i1);
       }
     }
-  });
+  }, a.batch * a.numel >= kParallelElements);
 }
 
 }  // namespace

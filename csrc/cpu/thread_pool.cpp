@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -11,10 +12,13 @@
 namespace ddpo {
 namespace {
 
+// Items are claimed one at a time from an atomic counter by the caller and by whichever workers
+// wake up in time: a worker that is descheduled (the machine is busy) delays nothing, because the
+// caller only waits for workers that actually joined the job.
 class ThreadPool {
  public:
   explicit ThreadPool(int workers) {
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { work(i + 1); });
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { work(); });
   }
 
   ~ThreadPool() {
@@ -28,41 +32,41 @@ class ThreadPool {
 
   int size() const { return int(threads_.size()) + 1; }
 
-  void run(int64_t n, int parts, const std::function<void(int64_t, int64_t)>& fn) {
+  void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &fn;
       n_ = n;
-      parts_ = parts;
-      pending_ = parts - 1;
+      next_.store(0);
+      open_ = true;
       ++generation_;
     }
     start_.notify_all();
-    run_part(0, fn);
+    drain(fn);
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    open_ = false;  // late wakers skip this job
+    done_.wait(lock, [this] { return active_ == 0; });
     job_ = nullptr;
   }
 
  private:
-  void run_part(int part, const std::function<void(int64_t, int64_t)>& fn) const {
-    int64_t begin = n_ * part / parts_, end = n_ * (part + 1) / parts_;
-    if (begin < end) fn(begin, end);
+  void drain(const std::function<void(int64_t, int64_t)>& fn) {
+    for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) fn(i, i + 1);
   }
 
-  void work(int part) {
+  void work() {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      start_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      start_.wait(lock, [&] { return stop_ || (open_ && generation_ != seen); });
       if (stop_) return;
       seen = generation_;
-      if (part >= parts_) continue;
+      ++active_;
       const auto* fn = job_;
       lock.unlock();
-      run_part(part, *fn);
+      drain(*fn);
       lock.lock();
-      if (--pending_ == 0) done_.notify_one();
+      if (--active_ == 0) done_.notify_one();
     }
   }
 
@@ -71,8 +75,9 @@ class ThreadPool {
   std::condition_variable start_, done_;
   const std::function<void(int64_t, int64_t)>* job_ = nullptr;
   int64_t n_ = 0;
-  int parts_ = 1;
-  int pending_ = 0;
+  std::atomic<int64_t> next_{0};
+  bool open_ = false;
+  int active_ = 0;
   uint64_t generation_ = 0;
   bool stop_ = false;
 };
@@ -99,16 +104,19 @@ ThreadPool& pool() {
 
 }  // namespace
 
-void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, bool parallel) {
   if (n <= 0) return;
-  std::lock_guard<std::mutex> call_lock(g_call_mutex);
-  ThreadPool& p = pool();
-  int parts = int(std::min<int64_t>(p.size(), n));
-  if (parts == 1) {
+  if (!parallel || n == 1) {
     fn(0, n);
     return;
   }
-  p.run(n, parts, fn);
+  std::lock_guard<std::mutex> call_lock(g_call_mutex);
+  ThreadPool& p = pool();
+  if (p.size() == 1) {
+    fn(0, n);
+    return;
+  }
+  p.run(n, fn);
 }
 
 void set_num_threads(int n) {

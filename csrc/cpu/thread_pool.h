@@ -7,9 +7,10 @@
 
 namespace ddpo {
 
-// Runs fn(begin, end) over contiguous, near-equal parts of [0, n) on up to num_threads() threads
-// (the caller runs the first part) and returns when all parts are done. Calls are serialised.
-void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+// Runs fn(i, i + 1) for every i in [0, n) on up to num_threads() threads (the caller takes part)
+// and returns when all are done; with parallel == false, fn(0, n) on the caller alone. Concurrent
+// calls are serialised.
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, bool parallel = true);
 
 void set_num_threads(int n);  // n >= 1
 int num_threads();

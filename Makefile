@@ -1,0 +1,29 @@
+# Set-up and checks. `make test` and `make demo` work from a fresh clone: they create .venv,
+# install torch (the CPU build on our machines) and the pinned requirements, and build the
+# compiled core (CUDA kernels too when nvcc is found).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test demo build bench clean
+
+$(VENV)/.installed: requirements-dev.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# Always re-run: CMake rebuilds only what changed.
+build: $(VENV)/.installed
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q -ra tests
+
+bench: build
+	$(PY) benchmarks/ops.py
+
+clean:
+	rm -rf build $(VENV) ddpo_fast/_C*.so
