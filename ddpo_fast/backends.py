@@ -112,16 +112,23 @@ def core_args(call: DdimCall):
 
 
 class _CoreCPU:
+    """The C++ CPU kernels, on as many threads as torch uses (torch.set_num_threads / OMP_NUM_THREADS)."""
+
     name = "cpu"
 
+    @staticmethod
+    def _args(call: DdimCall):
+        _C.set_num_threads(torch.get_num_threads())
+        return core_args(call)
+
     def forward(self, call: DdimCall) -> None:
-        _C.ddim_forward_cpu(core_args(call))
+        _C.ddim_forward_cpu(self._args(call))
 
     def backward(self, call: DdimCall) -> None:
-        _C.ddim_backward_cpu(core_args(call))
+        _C.ddim_backward_cpu(self._args(call))
 
     def ppo(self, call: DdimCall) -> None:
-        _C.ppo_forward_cpu(core_args(call))
+        _C.ppo_forward_cpu(self._args(call))
 
 
 class _CoreCUDA:

@@ -133,14 +133,16 @@ def test_same_seed_same_noise_other_offset_other_noise(cpu_backend):
 def test_results_do_not_depend_on_thread_count(cpu_backend):
     model_output, sample, _ = make_inputs(7, (4, 64, 64), torch.float32, cfg=True)
     a, p = random_alphas(7)
-    threads = _C.num_threads()
+    threads = torch.get_num_threads()
     try:
-        _C.set_num_threads(1)
+        torch.set_num_threads(1)
         one = ops.ddim_step_logprob(model_output, sample, a, p, seed=3, guidance_scale=4.0)
-        _C.set_num_threads(3)
+        assert _C.num_threads() == 1
+        torch.set_num_threads(3)
         three = ops.ddim_step_logprob(model_output, sample, a, p, seed=3, guidance_scale=4.0)
+        assert _C.num_threads() == 3
     finally:
-        _C.set_num_threads(threads)
+        torch.set_num_threads(threads)
     assert torch.equal(one.prev_sample, three.prev_sample) and torch.equal(one.log_prob, three.log_prob)
 
 
