@@ -141,7 +141,8 @@ def ddim_mean(
     if use_clipped_model_output:
         eps = (x - sqrt_a * x0) / sqrt_1ma
     sigma = ddim_sigma(a, p, eta)
-    mu = torch.sqrt(p) * x0 + torch.sqrt(1 - p - sigma**2) * eps
+    # 1 - p - sigma^2 >= 0 for eta <= 1; the clamp only absorbs rounding, as the kernels do.
+    mu = torch.sqrt(p) * x0 + torch.sqrt((1 - p - sigma**2).clamp(min=0)) * eps
     return mu, sigma
 
 
