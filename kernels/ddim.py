@@ -172,6 +172,20 @@ def _ddim_mean(x, m, cx, cm, ex, em, sqrt_a, inv_sqrt_1ma, sqrt_p, dir, mx, mm, 
 
 
 @triton.jit
+def _load_guided(mo_ptr, g, b, i, B, N, mask, w_bits, CT: tl.constexpr, CFG: tl.constexpr):
+    """Model output of elements i of sample b (flat index g) after classifier-free guidance:
+    m_u + w (m_c - m_u) with m_u in row b and m_c in row B + b."""
+    if CFG:
+        w = _f64_arg(w_bits, CT)
+        m_u = tl.load(mo_ptr + g, mask=mask, other=0.0).to(CT)
+        m_c = tl.load(mo_ptr + ((b + B) * N + i), mask=mask, other=0.0).to(CT)
+        m = m_u + w * (m_c - m_u)
+    else:
+        m = tl.load(mo_ptr + g, mask=mask, other=0.0).to(CT)
+    return m
+
+
+@triton.jit
 def _uint_to_unit(x):
     """Odd multiples of 2^-24 in (0, 1), exact in float32."""
     return (((x >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-08
@@ -287,13 +301,7 @@ def _ddim_forward_kernel(
     cx, cm, ex, em, sqrt_a, inv_sqrt_1ma, sqrt_p, dir, mx, mm, sigma = _step_coef(a, p, eta, PRED)
 
     x = tl.load(x_ptr + g, mask=mask, other=0.0).to(CT)
-    if CFG:
-        w = _f64_arg(w_bits, CT)
-        m_u = tl.load(mo_ptr + g, mask=mask, other=0.0).to(CT)
-        m_c = tl.load(mo_ptr + ((b + B) * N + i), mask=mask, other=0.0).to(CT)
-        m = m_u + w * (m_c - m_u)
-    else:
-        m = tl.load(mo_ptr + g, mask=mask, other=0.0).to(CT)
+    m = _load_guided(mo_ptr, g, b, i, B, N, mask, w_bits, CT, CFG)
     rng = _f64_arg(range_bits, CT)
     mu, dmu = _ddim_mean(x, m, cx, cm, ex, em, sqrt_a, inv_sqrt_1ma, sqrt_p, dir, mx, mm, rng,
                          CLIP, USE_CLIPPED)
@@ -415,13 +423,7 @@ def _ddim_backward_kernel(
     coef = tl.load(glogp_ptr + b).to(CT) * inv_var / N
 
     x = tl.load(x_ptr + g, mask=mask, other=0.0).to(CT)
-    if CFG:
-        w = _f64_arg(w_bits, CT)
-        m_u = tl.load(mo_ptr + g, mask=mask, other=0.0).to(CT)
-        m_c = tl.load(mo_ptr + ((b + B) * N + i), mask=mask, other=0.0).to(CT)
-        m = m_u + w * (m_c - m_u)
-    else:
-        m = tl.load(mo_ptr + g, mask=mask, other=0.0).to(CT)
+    m = _load_guided(mo_ptr, g, b, i, B, N, mask, w_bits, CT, CFG)
     rng = _f64_arg(range_bits, CT)
     mu, dmu = _ddim_mean(x, m, cx, cm, ex, em, sqrt_a, inv_sqrt_1ma, sqrt_p, dir, mx, mm, rng,
                          CLIP, USE_CLIPPED)
@@ -431,6 +433,7 @@ def _ddim_backward_kernel(
         upstream = tl.load(gprev_ptr + g, mask=mask, other=0.0).to(CT) + upstream
     grad = dmu * upstream
     if CFG:
+        w = _f64_arg(w_bits, CT)
         grad_u = (1.0 - w) * grad
         grad_c = w * grad
         if GRAD_BF16:
