@@ -130,6 +130,19 @@ def test_same_seed_same_noise_other_offset_other_noise(cpu_backend):
     assert (first.prev_sample != other.prev_sample).float().mean() > 0.99
 
 
+def test_sampling_without_grad_equals_the_custom_op(cpu_backend):
+    """Sampling under no_grad calls the kernel directly; with gradients it goes through the op."""
+    model_output, sample, _ = make_inputs(3, (4, 17, 23), torch.float32, cfg=True)
+    a, p = random_alphas(3)
+    with torch.no_grad():
+        direct = ops.ddim_step_logprob(model_output, sample, a, p, seed=8, guidance_scale=2.0, out_dtype=torch.bfloat16)
+    through_op = ops.ddim_step_logprob(model_output.clone().requires_grad_(), sample, a, p, seed=8,
+                                       guidance_scale=2.0, out_dtype=torch.bfloat16)
+    assert through_op.log_prob.grad_fn is not None
+    assert torch.equal(direct.prev_sample, through_op.prev_sample)
+    assert torch.equal(direct.log_prob, through_op.log_prob.detach())
+
+
 def test_results_do_not_depend_on_thread_count(cpu_backend):
     model_output, sample, _ = make_inputs(7, (4, 64, 64), torch.float32, cfg=True)
     a, p = random_alphas(7)
