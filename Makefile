@@ -6,6 +6,8 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
+DEMO_DIR ?= runs/demo
+
 .PHONY: test demo build bench clean
 
 $(VENV)/.installed: requirements-dev.txt Makefile
@@ -21,6 +23,13 @@ build: $(VENV)/.installed
 
 test: build
 	$(PY) -m pytest -q -ra tests
+
+demo: build
+	rm -rf $(DEMO_DIR)
+	$(PY) -m ddpo_fast.train --preset tiny-compressibility --run-dir $(DEMO_DIR)
+	@echo "reward per epoch: $(DEMO_DIR)/metrics.jsonl"
+	@echo "sample grids:     $(DEMO_DIR)/samples/"
+	@echo "reward curve:     $(DEMO_DIR)/reward_curve.png"
 
 bench: build
 	$(PY) benchmarks/ops.py

@@ -1,0 +1,163 @@
+"""End-to-end training throughput: ddpo_fast's trainer against trl 0.23.1's DDPOTrainer (the eager
+baseline of the same algorithm) on the same saved tiny pipeline and the same config.
+
+    python benchmarks/train.py [--epochs 3] [--csv benchmarks/results/train.csv] [key=value ...]
+
+Defaults: the issue's bar config (20 DDIM steps, CFG 5, 32 samples per epoch, full finetune,
+JPEG compressibility). Each trainer runs in its own subprocess (clean peak memory); the first epoch
+is a warm-up and samples/s is the mean of the others. Peak memory: max RSS on CPU, max allocated on
+CUDA. (The SD-1.5-shaped GPU configuration with model FLOP utilisation is not written yet.)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+BAR = ["sample.num_steps=20", "sample.guidance_scale=5", "sample.batch_size=8", "sample.num_batches_per_epoch=4",
+       "train.batch_size=8", "train.gradient_accumulation_steps=1", "train.timestep_fraction=1.0",
+       "train.num_inner_epochs=1", "train.learning_rate=1e-4", "train.clip_range=1e-4", "use_lora=false",
+       "per_prompt_stat_tracking.min_count=16"]
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(model_dir: str, overrides: list[str], epochs: int) -> dict:
+    from ddpo_fast import train
+
+    os.environ["DDPO_FAST_NO_PROGRESS"] = "1"
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-ours-"))
+    train.main(["--run-dir", str(run_dir), f"model={model_dir}", *BAR, *overrides, f"num_epochs={epochs}",
+                "checkpoint_freq=1000", f"save_freq={epochs}"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = records[1:] or records
+    samples = sum(r["samples_per_s"] * (r["sample_seconds"] + r["train_seconds"]) for r in timed)
+    seconds = sum(r["sample_seconds"] + r["train_seconds"] for r in timed)
+    return {"trainer": "ddpo_fast", "samples_per_s": samples / seconds, "peak_memory_mb": peak_memory_mb(),
+            "reward_first": records[0]["reward_mean"], "reward_last": records[-1]["reward_mean"]}
+
+
+def run_trl(model_dir: str, overrides: list[str], epochs: int) -> dict:
+    import warnings
+
+    import torch
+    from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+    from ddpo_fast import config as cfg
+    from ddpo_fast.prompts import get_prompt_fn
+    from ddpo_fast.rewards import get_reward_fn
+
+    warnings.filterwarnings("ignore")
+    c = cfg.validate(cfg.from_preset("tiny-compressibility", [*BAR, *overrides]))
+    ddpo_config = DDPOConfig(
+        num_epochs=epochs, seed=c.seed, mixed_precision="no" if c.mixed_precision == "no" else c.mixed_precision,
+        sample_num_steps=c.sample.num_steps, sample_eta=c.sample.eta, sample_guidance_scale=c.sample.guidance_scale,
+        sample_batch_size=c.sample.batch_size, sample_num_batches_per_epoch=c.sample.num_batches_per_epoch,
+        train_batch_size=c.train.batch_size, train_learning_rate=c.train.learning_rate,
+        train_gradient_accumulation_steps=c.train.gradient_accumulation_steps,
+        train_max_grad_norm=c.train.max_grad_norm, train_num_inner_epochs=c.train.num_inner_epochs,
+        train_cfg=c.train.cfg, train_adv_clip_max=c.train.adv_clip_max, train_clip_range=c.train.clip_range,
+        train_timestep_fraction=c.train.timestep_fraction, train_adam_weight_decay=c.train.adam_weight_decay,
+        train_adam_epsilon=c.train.adam_epsilon,
+        per_prompt_stat_tracking=c.per_prompt_stat_tracking.enabled,
+        per_prompt_stat_tracking_buffer_size=c.per_prompt_stat_tracking.buffer_size,
+        per_prompt_stat_tracking_min_count=c.per_prompt_stat_tracking.min_count,
+        async_reward_computation=False, save_freq=10**6,  # trl's async mode wants futures from the reward
+        logdir=tempfile.mkdtemp(prefix="bench-trl-"), log_with=None,
+    )
+    reward = get_reward_fn(c.reward)
+    prompt_fn = get_prompt_fn(c.prompts)
+    import random
+
+    rng = random.Random(c.seed)
+
+    seen: list[float] = []  # every reward trl computed, to report its learning curve like ours
+
+    def trl_reward(images, prompts, metadata):
+        as_uint8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        rewards, _ = reward(as_uint8, list(prompts), list(metadata))
+        seen.extend(rewards.tolist())
+        return rewards, {}
+
+    pipeline = DefaultDDPOStableDiffusionPipeline(model_dir, use_lora=c.use_lora)
+    # A hook avoids a logging call before accelerate is set up; then no image logging (no tracker).
+    trainer = DDPOTrainer(ddpo_config, trl_reward, lambda: prompt_fn(rng), pipeline, image_samples_hook=lambda *a: None)
+    trainer.image_samples_callback = None
+    samples_per_epoch = c.sample.batch_size * c.sample.num_batches_per_epoch
+    times, epoch_rewards = [], []
+    global_step = 0
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        global_step = trainer.step(epoch, global_step)
+        times.append(time.perf_counter() - start)
+        epoch_rewards.append(sum(seen) / len(seen))
+        seen.clear()
+    timed = times[1:] or times
+    return {"trainer": "trl 0.23.1 DDPOTrainer", "samples_per_s": samples_per_epoch * len(timed) / sum(timed),
+            "peak_memory_mb": peak_memory_mb(), "reward_first": epoch_rewards[0], "reward_last": epoch_rewards[-1]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--csv", default=str(REPO / "benchmarks" / "results" / "train.csv"))
+    parser.add_argument("--only", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-trl", action="store_true", help="measure ddpo_fast only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    if args.only:  # child process: one trainer, result as JSON on the last line
+        fn = run_ours if args.only == "ours" else run_trl
+        print(json.dumps(fn(args.model_dir, args.overrides, args.epochs)))
+        return 0
+
+    from ddpo_fast.models import build_tiny_pipeline
+
+    model_dir = tempfile.mkdtemp(prefix="bench-tiny-")
+    build_tiny_pipeline().save_pretrained(model_dir)
+    rows = []
+    for which in (["ours"] if args.skip_trl else ["ours", "trl"]):
+        cmd = [sys.executable, __file__, "--only", which, "--model-dir", model_dir, "--epochs", str(args.epochs),
+               *args.overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    config = " ".join([*BAR, *args.overrides])
+    print(f"config: {config}; epochs {args.epochs} (first one is warm-up)")
+    print(f"{'trainer':<26}{'samples/s':>12}{'peak MB':>10}{'vs trl':>9}{'reward first':>14}{'reward last':>13}")
+    base = rows[-1]["samples_per_s"] if len(rows) > 1 else None
+    for r in rows:
+        ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
+        print(f"{r['trainer']:<26}{r['samples_per_s']:>12.2f}{r['peak_memory_mb']:>10.0f}{ratio:>9}"
+              f"{r['reward_first']:>14.4f}{r['reward_last']:>13.4f}")
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["trainer", "samples_per_s", "peak_memory_mb", "reward_first",
+                                               "reward_last", "config", "epochs"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "config": config, "epochs": args.epochs})
+    print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

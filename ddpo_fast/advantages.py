@@ -1,0 +1,85 @@
+"""Advantages from rewards: per-prompt stat tracking or global normalisation.
+
+Rewards are gathered from all ranks first (in rank order), every rank computes the same advantages
+for the whole gathered batch (so every rank's tracker holds the same state) and keeps its own slice.
+Non-finite rewards are dropped: they are not tracked and get advantage 0 (no gradient).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+EPS = 1e-6
+
+
+class PerPromptStatTracker:
+    """Normalises each reward by the mean and std of the last `buffer_size` rewards of its prompt;
+    prompts seen fewer than `min_count` times use the statistics of the whole batch."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.stats: dict[str, deque] = {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        valid = np.isfinite(rewards)
+        advantages = np.zeros_like(rewards)
+        if not valid.any():
+            return advantages
+        batch_mean, batch_std = rewards[valid].mean(), rewards[valid].std() + EPS
+        prompts_arr = np.asarray(prompts, dtype=object)
+        for prompt in dict.fromkeys(p for p, ok in zip(prompts, valid) if ok):
+            mask = (prompts_arr == prompt) & valid
+            history = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            history.extend(rewards[mask].tolist())
+            if len(history) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                mean, std = np.mean(history), np.std(history) + EPS
+            advantages[mask] = (rewards[mask] - mean) / std
+        return advantages
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "stats": {k: list(v) for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in state["stats"].items()}
+
+
+def global_advantages(rewards: np.ndarray) -> np.ndarray:
+    rewards = np.asarray(rewards, dtype=np.float64)
+    valid = np.isfinite(rewards)
+    advantages = np.zeros_like(rewards)
+    if valid.any():
+        advantages[valid] = (rewards[valid] - rewards[valid].mean()) / (rewards[valid].std() + EPS)
+    return advantages
+
+
+def gather(rewards: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
+    """All ranks' rewards and prompts, concatenated in rank order (identity in one process).
+    Every rank holds the same number of samples (the config guarantees it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rewards.double().numpy(), list(prompts)
+    world = dist.get_world_size()
+    parts = [torch.zeros_like(rewards) for _ in range(world)]
+    dist.all_gather(parts, rewards.contiguous())
+    prompt_parts: list = [None] * world
+    dist.all_gather_object(prompt_parts, list(prompts))
+    return torch.cat(parts).double().numpy(), [p for part in prompt_parts for p in part]
+
+
+def compute_advantages(rewards: torch.Tensor, prompts: list[str], tracker: PerPromptStatTracker | None,
+                       rank: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(this rank's advantages (float32), the gathered rewards, the gathered advantages)."""
+    all_rewards, all_prompts = gather(rewards.float().cpu(), prompts)
+    if tracker is not None:
+        advantages = tracker.update(all_prompts, all_rewards)
+    else:
+        advantages = global_advantages(all_rewards)
+    n = len(prompts)
+    mine = advantages[rank * n:(rank + 1) * n]
+    return torch.from_numpy(mine.astype(np.float32)), all_rewards, advantages

@@ -1,0 +1,152 @@
+"""Compare a base model with a finetuned one on fixed prompts and seeds.
+
+    python -m ddpo_fast.evaluate --finetuned RUN_DIR [--base MODEL] [--reward NAME]
+        [--prompts "cat,dog,a red car"] [--seeds 0,1,2] [--out DIR]
+
+RUN_DIR is a trainer run directory (its config.json names the base model, the reward and the
+sampler settings; the finetuned weights are RUN_DIR/unet or RUN_DIR/lora), or a diffusers UNet
+directory (then give --base). Writes OUT/comparison.png (one row per prompt and seed: base |
+finetuned, captioned with the rewards) and OUT/rewards.json + OUT/rewards.md (mean, std, per prompt).
+The default prompts include some that the built-in training sets never use.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpo_fast import config as cfg
+from ddpo_fast.models import encode_prompts, load_pipeline
+from ddpo_fast.rewards import get_reward_fn
+from ddpo_fast.sampling import decode_images, sample_batch
+
+DEFAULT_PROMPTS = ["cat", "dog", "horse", "a red car", "a house on a hill", "a bowl of fruit"]
+
+
+def load_finetuned(finetuned: Path, base: str):
+    """(pipeline with the finetuned UNet, run config or None)."""
+    from diffusers import UNet2DConditionModel
+
+    run_config = None
+    if (finetuned / "config.json").is_file() and (finetuned / "metrics.jsonl").exists():
+        run_config = cfg.from_dict(json.loads((finetuned / "config.json").read_text()))
+    pipe = load_pipeline(run_config.model if run_config and base is None else (base or "tiny"))
+    if (finetuned / "lora").is_dir():
+        pipe.load_lora_weights(str(finetuned / "lora"))
+    elif (finetuned / "unet").is_dir():
+        pipe.unet = UNet2DConditionModel.from_pretrained(finetuned / "unet")
+    elif (finetuned / "diffusion_pytorch_model.safetensors").is_file():
+        pipe.unet = UNet2DConditionModel.from_pretrained(finetuned)
+    else:
+        raise ValueError(f"--finetuned {finetuned}: not a run directory with unet/ or lora/, nor a UNet directory")
+    return pipe, run_config
+
+
+def sample_images(pipe, prompts: list[str], seeds: list[int], config: cfg.Config) -> torch.Tensor:
+    """uint8 images, prompt-major then seed (row i = prompts[i // len(seeds)], seeds[i % len(seeds)])."""
+    s = config.sample
+    pipe.scheduler.set_timesteps(s.num_steps)
+    negative = encode_prompts(pipe, [""], "cpu") if config.use_cfg else None
+    size = pipe.unet.config.sample_size
+    images = []
+    for prompt in prompts:
+        embeds = encode_prompts(pipe, [prompt], "cpu")
+        for seed in seeds:
+            _, final = sample_batch(pipe.unet, pipe.scheduler, embeds, negative,
+                                    latent_shape=(pipe.unet.config.in_channels, size, size), eta=s.eta,
+                                    guidance_scale=s.guidance_scale, num_train_timesteps=1, seed=seed,
+                                    storage_dtype=torch.float32)
+            images.append(decode_images(pipe.vae, final))
+    return torch.cat(images)
+
+
+def comparison_grid(path: Path, base: torch.Tensor, tuned: torch.Tensor, labels: list[str],
+                    base_rewards: np.ndarray, tuned_rewards: np.ndarray, scale: int = 2) -> None:
+    from PIL import Image, ImageDraw
+
+    h, w = base.shape[2] * scale, base.shape[3] * scale
+    label_w, head = 140, 16
+    grid = Image.new("RGB", (label_w + 2 * w, head + len(labels) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((label_w + 2, 2), "base", fill="black")
+    draw.text((label_w + w + 2, 2), "finetuned", fill="black")
+    for i, label in enumerate(labels):
+        y = head + i * h
+        draw.text((2, y + 2), label[:22], fill="black")
+        draw.text((2, y + 14), f"base {base_rewards[i]:.3f}", fill="black")
+        draw.text((2, y + 26), f"tuned {tuned_rewards[i]:.3f}", fill="black")
+        for j, img in enumerate((base[i], tuned[i])):
+            tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w, h), Image.NEAREST)
+            grid.paste(tile, (label_w + j * w, y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def summarize(prompts: list[str], seeds: list[int], rewards: np.ndarray) -> dict:
+    per_prompt = rewards.reshape(len(prompts), len(seeds))
+    return {"mean": float(rewards.mean()), "std": float(rewards.std()),
+            "per_prompt": {p: float(r.mean()) for p, r in zip(prompts, per_prompt)}}
+
+
+def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | None = None,
+             prompts: list[str] | None = None, seeds: list[int] | None = None) -> dict:
+    prompts = prompts or DEFAULT_PROMPTS
+    seeds = seeds or [0, 1]
+    tuned_pipe, run_config = load_finetuned(Path(finetuned), base)
+    config = run_config or cfg.from_preset()
+    reward_fn = get_reward_fn(reward or config.reward)
+    base_pipe = load_pipeline(base or config.model)
+    with torch.no_grad():
+        base_images = sample_images(base_pipe, prompts, seeds, config)
+        tuned_images = sample_images(tuned_pipe, prompts, seeds, config)
+    all_prompts = [p for p in prompts for _ in seeds]
+    meta = [{} for _ in all_prompts]
+    base_rewards = reward_fn(base_images, all_prompts, meta)[0].numpy()
+    tuned_rewards = reward_fn(tuned_images, all_prompts, meta)[0].numpy()
+    labels = [f"{p} (seed {s})" for p in prompts for s in seeds]
+    out = Path(out)
+    comparison_grid(out / "comparison.png", base_images, tuned_images, labels, base_rewards, tuned_rewards)
+    result = {"reward": reward or config.reward, "seeds": seeds, "base": summarize(prompts, seeds, base_rewards),
+              "finetuned": summarize(prompts, seeds, tuned_rewards)}
+    (out / "rewards.json").write_text(json.dumps(result, indent=2))
+    lines = ["| prompt | base | finetuned |", "|---|---|---|"]
+    for p in prompts:
+        lines.append(f"| {p} | {result['base']['per_prompt'][p]:.4f} | {result['finetuned']['per_prompt'][p]:.4f} |")
+    lines.append(f"| **mean ± std** | {result['base']['mean']:.4f} ± {result['base']['std']:.4f} | "
+                 f"{result['finetuned']['mean']:.4f} ± {result['finetuned']['std']:.4f} |")
+    (out / "rewards.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddpo_fast.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--finetuned", required=True, help="a run directory, or a diffusers UNet directory")
+    parser.add_argument("--base", default=None, help="base model (default: the run's model)")
+    parser.add_argument("--reward", default=None, help="reward (default: the run's reward)")
+    parser.add_argument("--prompts", default=None, help="comma-separated prompts")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    parser.add_argument("--out", default=None, help="output directory (default: FINETUNED/eval)")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    prompts = [p.strip() for p in args.prompts.split(",")] if args.prompts else None
+    out = Path(args.out or Path(args.finetuned) / "eval")
+    try:
+        result = evaluate(Path(args.finetuned), out, args.base, args.reward, prompts, seeds)
+    except ValueError as e:
+        print(f"ddpo_fast.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print((out / "rewards.md").read_text())
+    print(f"comparison grid: {out / 'comparison.png'}")
+    print(f"reward table: {out / 'rewards.json'}")
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

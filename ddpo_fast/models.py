@@ -1,0 +1,132 @@
+"""Models: a tiny Stable-Diffusion-shaped pipeline built in code, or a real diffusers pipeline.
+
+`model=tiny` builds a UNet2DConditionModel, an AutoencoderKL (8x spatial downsampling, 4 latent
+channels, like SD), a CLIP text encoder and a CLIP tokenizer whose vocabulary is generated here
+(every character, plus one token per word of the built-in prompt sets), all with seeded random
+weights. Nothing is downloaded. `save_pretrained` writes a normal diffusers directory that
+`StableDiffusionPipeline.from_pretrained` (or `model=DIR`) loads back.
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ddpo_fast.prompts import all_prompt_words
+
+TINY_RESOLUTION = 64  # pixels; latents are 4 x 8 x 8
+TINY_MAX_LENGTH = 16  # tokens per prompt
+TINY_SEED = 1234
+
+
+def scheduler_config() -> dict:
+    """Stable Diffusion v1's DDIM schedule (scaled-linear betas, final alpha from alphas_cumprod[0])."""
+    return dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+
+
+def tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer with a vocabulary generated in code.
+
+    Tokens: the two specials, every printable character alone and as a word end (`c</w>`), and every
+    word of the built-in prompt sets, reached through left-to-right merges. Any other word falls
+    back to characters, so every ASCII prompt tokenizes.
+    """
+    chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation]
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for c in chars:
+        add(c)
+    for c in chars:
+        add(c + "</w>")
+    merges: list[str] = []
+    for word in all_prompt_words():
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merge = (merged, piece)
+            if merge not in merges:
+                merges.append(merge)
+            merged = merged + piece
+            add(merged)
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
+    """The tiny SD-shaped pipeline with seeded random weights (same seed, same weights)."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TINY_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(**scheduler_config())
+    for module in (unet, vae, text_encoder):
+        module.eval()  # as from_pretrained returns them (the VAE differs slightly in training mode)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def load_pipeline(model: str, seed: int = TINY_SEED) -> StableDiffusionPipeline:
+    """`tiny`, a local diffusers pipeline directory, or a hub id (loaded with from_pretrained).
+
+    The scheduler is always a DDIMScheduler built from the pipeline's scheduler config.
+    """
+    if model == "tiny":
+        pipe = build_tiny_pipeline(seed)
+    else:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        except Exception as e:  # the loader raises many types; name the key
+            raise ValueError(f"model={model!r}: cannot load a diffusers Stable Diffusion pipeline ({e})") from e
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], device) -> torch.Tensor:
+    """Text-encoder hidden states (N, L, D) for `prompts`, padded to the tokenizer's max length."""
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]

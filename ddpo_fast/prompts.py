@@ -1,0 +1,92 @@
+"""Prompt sources: the paper's sets, a text file (`file:PATH`), or a user function (`module:function`).
+
+A prompt function takes a `random.Random` and returns (prompt, metadata dict). Each rank draws from
+its own seeded generator, so ranks sample different prompts and a resumed run draws the same ones.
+"""
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+PromptFn = Callable[[random.Random], tuple[str, dict]]
+
+# A small set for quick runs and the tiny model.
+SIMPLE_ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat"]
+
+# 45 common animals (the paper's aesthetic-quality prompt set is of this kind).
+COMMON_ANIMALS = [
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat",
+    "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark",
+    "whale", "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee",
+    "pig", "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+]
+
+# Prompt-image alignment: an animal doing an activity (the paper uses the same construction).
+ACTIVITY_ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow",
+                    "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly"]
+ACTIVITIES = ["riding a bike", "playing chess", "washing the dishes"]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _choice_fn(prompts: list[str]) -> PromptFn:
+    def fn(rng: random.Random) -> tuple[str, dict]:
+        return rng.choice(prompts), {}
+    return fn
+
+
+def animal_activities(rng: random.Random) -> tuple[str, dict]:
+    animal, activity = rng.choice(ACTIVITY_ANIMALS), rng.choice(ACTIVITIES)
+    return f"{_article(animal)} {animal} {activity}", {"animal": animal, "activity": activity}
+
+
+PROMPT_SETS: dict[str, PromptFn] = {
+    "simple_animals": _choice_fn(SIMPLE_ANIMALS),
+    "common_animals": _choice_fn(COMMON_ANIMALS),
+    "animal_activities": animal_activities,
+}
+
+
+def all_prompt_words() -> list[str]:
+    """Every word of the built-in sets (the tiny tokenizer gives each one a token)."""
+    words = set(COMMON_ANIMALS) | set(SIMPLE_ANIMALS) | set(ACTIVITY_ANIMALS) | {"a", "an"}
+    for activity in ACTIVITIES:
+        words.update(activity.split())
+    return sorted(words)
+
+
+def load_function(spec: str, what: str):
+    """Imports `module:function`; errors name the config key `what`."""
+    module_name, _, fn_name = spec.partition(":")
+    if not module_name or not fn_name:
+        raise ValueError(f"{what}={spec!r}: expected module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what}={spec!r}: cannot import module {module_name!r} ({e})") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"{what}={spec!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def get_prompt_fn(spec: str) -> PromptFn:
+    """Resolves the `prompts` config value."""
+    if spec in PROMPT_SETS:
+        return PROMPT_SETS[spec]
+    if spec.startswith("file:"):
+        path = Path(spec[len("file:"):])
+        if not path.is_file():
+            raise ValueError(f"prompts={spec!r}: no such file {str(path)!r}")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line for line in lines if line]
+        if not prompts:
+            raise ValueError(f"prompts={spec!r}: the file has no prompts (one per line)")
+        return _choice_fn(prompts)
+    if ":" in spec:
+        return load_function(spec, "prompts")
+    raise ValueError(f"prompts={spec!r}: expected one of {', '.join(PROMPT_SETS)}, file:PATH or module:function")

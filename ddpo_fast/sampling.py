@@ -1,0 +1,145 @@
+"""Batched DDIM sampling with log-probabilities, classifier-free guidance and the trajectory buffer.
+
+Every DDIM step goes through the fused `ddim_step_logprob` (CFG fused, noise from the in-kernel
+Philox stream of (seed, step index), so a batch is reproducible from its seed alone).
+
+The trajectory buffer keeps, per sample, only what training needs: for the K = num_train_timesteps
+steps chosen for that sample *before* sampling, x_t, x_{t-1} (both in the storage dtype, exactly as
+the sampler produced and consumed them), the old log-probability (float32, computed from the stored
+x_{t-1}) and the step index, plus the sample's prompt embedding. Everything stays on the sampling
+device; nothing is copied to the host per step. Bytes per sample:
+
+    K * (2 * C*H*W * storage_itemsize + 4 + 8) + L * D * embed_itemsize
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from ddpo_fast.ops import ddim_step_logprob, scheduler_alphas
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def derive_seed(*parts: int) -> int:
+    """A 62-bit seed mixed from integers (run seed, epoch, batch, rank, ...): independent streams."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 30) ^ int(state[1])
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` (None: off) on the device's type."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Trajectories:
+    """Per-sample training data; the first dimension is the sample, K = trained steps per sample."""
+
+    latents: torch.Tensor  # (N, K, C, H, W) x_t, storage dtype
+    next_latents: torch.Tensor  # (N, K, C, H, W) x_{t-1}, storage dtype
+    log_probs: torch.Tensor  # (N, K) float32, old log-probabilities of next_latents
+    step_indices: torch.Tensor  # (N, K) int64, indices into scheduler.timesteps
+    prompt_embeds: torch.Tensor  # (N, L, D)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def bytes_per_sample(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.tensors().values())
+
+    def select(self, index: torch.Tensor) -> "Trajectories":
+        return Trajectories(**{k: v[index] for k, v in self.tensors().items()})
+
+    @staticmethod
+    def cat(parts: list["Trajectories"]) -> "Trajectories":
+        return Trajectories(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectories)})
+
+
+def expected_bytes_per_sample(num_train_timesteps: int, latent_shape, storage_dtype: torch.dtype,
+                              embed_shape, embed_dtype: torch.dtype) -> int:
+    """The buffer formula of the module docstring."""
+    latent_numel = int(np.prod(latent_shape))
+    storage_itemsize = torch.empty((), dtype=storage_dtype).element_size()
+    embed_itemsize = torch.empty((), dtype=embed_dtype).element_size()
+    return num_train_timesteps * (2 * latent_numel * storage_itemsize + 4 + 8) + int(np.prod(embed_shape)) * embed_itemsize
+
+
+def choose_train_steps(batch_size: int, num_steps: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, K) sorted distinct step indices per sample, drawn before sampling."""
+    picks = [torch.randperm(num_steps, generator=generator)[:num_train_timesteps] for _ in range(batch_size)]
+    return torch.stack(picks).sort(dim=1).values
+
+
+def unet_forward(unet, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                 negative_embeds: torch.Tensor | None) -> torch.Tensor:
+    """UNet output; with `negative_embeds` (CFG) on the stacked [uncond; cond] batch (2B rows)."""
+    if negative_embeds is not None:
+        latents = torch.cat([latents, latents])
+        timesteps = torch.cat([timesteps, timesteps]) if timesteps.dim() else timesteps
+        embeds = torch.cat([negative_embeds.expand_as(embeds), embeds])
+    dtype = next(getattr(unet, "module", unet).parameters()).dtype  # a training engine wraps the module
+    return unet(latents.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype)).sample
+
+
+@torch.no_grad()
+def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, *,
+                 latent_shape: tuple[int, int, int], eta: float, guidance_scale: float, num_train_timesteps: int,
+                 seed: int, storage_dtype: torch.dtype, autocast_dtype: torch.dtype | None = None,
+                 progress=None) -> tuple[Trajectories, torch.Tensor]:
+    """Samples B = len(prompt_embeds) trajectories; returns (trajectories, final latents x_0).
+
+    `scheduler.set_timesteps` must have been called. CFG is on when `negative_embeds` is given.
+    """
+    device = prompt_embeds.device
+    batch, num_steps = prompt_embeds.shape[0], len(scheduler.timesteps)
+    generator = torch.Generator().manual_seed(seed)
+    train_steps = choose_train_steps(batch, num_steps, num_train_timesteps, generator).to(device)
+    x = torch.randn((batch, *latent_shape), generator=generator).to(device=device, dtype=storage_dtype)
+    x = x * scheduler.init_noise_sigma
+
+    k = num_train_timesteps
+    buf_x = torch.zeros((batch, k, *latent_shape), dtype=storage_dtype, device=device)
+    buf_next = torch.zeros_like(buf_x)
+    buf_logp = torch.zeros((batch, k), dtype=torch.float32, device=device)
+    rows = torch.arange(batch, device=device)
+    guidance = guidance_scale if negative_embeds is not None else None
+    timesteps = scheduler.timesteps.to(device)
+    for i in range(num_steps):
+        t = timesteps[i]
+        with autocast(device, autocast_dtype):
+            out = unet_forward(unet, x, t, prompt_embeds, negative_embeds)
+        alpha_t, alpha_prev = scheduler_alphas(scheduler, t, batch, device)
+        prev, log_prob = ddim_step_logprob(out.contiguous(), x, alpha_t, alpha_prev, eta=eta, seed=seed, offset=i,
+                                           guidance_scale=guidance, out_dtype=storage_dtype)
+        # Keep step i for the samples that chose it (no host sync: the slot is found on the device).
+        hit = train_steps == i
+        keep = hit.any(dim=1)
+        slot = hit.to(torch.int64).argmax(dim=1)
+        keep_latent = keep.view(-1, *([1] * (x.dim() - 1)))
+        buf_x[rows, slot] = torch.where(keep_latent, x, buf_x[rows, slot])
+        buf_next[rows, slot] = torch.where(keep_latent, prev, buf_next[rows, slot])
+        buf_logp[rows, slot] = torch.where(keep, log_prob.float(), buf_logp[rows, slot])
+        x = prev
+        if progress is not None:
+            progress.update(1)
+    traj = Trajectories(latents=buf_x, next_latents=buf_next, log_probs=buf_logp, step_indices=train_steps,
+                        prompt_embeds=prompt_embeds)
+    return traj, x
+
+
+@torch.no_grad()
+def decode_images(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents -> uint8 images (N, 3, H, W) on the CPU (the one host copy per batch)."""
+    dtype = next(vae.parameters()).dtype
+    images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
+    images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return images.cpu()

@@ -1,0 +1,51 @@
+"""The tiny built-in pipeline: deterministic, no download, a normal diffusers directory."""
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from ddpo_fast.models import build_tiny_pipeline, encode_prompts, load_pipeline, tiny_tokenizer
+
+
+def test_tiny_tokenizer_vocabulary_built_in_code():
+    tok = tiny_tokenizer()
+    assert tok.tokenize("a horse") == ["a</w>", "horse</w>"]  # prompt words are single tokens
+    assert tok.tokenize("xq") == ["x", "q</w>"]  # any other word falls back to characters
+    ids = tok("cat", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert ids[0] == tok.bos_token_id and ids[2] == tok.eos_token_id and len(ids) == tok.model_max_length
+
+
+def test_tiny_pipeline_is_seeded():
+    a, b, c = build_tiny_pipeline(1), build_tiny_pipeline(1), build_tiny_pipeline(2)
+    for name in ("unet", "vae", "text_encoder"):
+        pa, pb, pc = (torch.cat([p.flatten() for p in getattr(x, name).parameters()]) for x in (a, b, c))
+        assert torch.equal(pa, pb)
+        assert not torch.equal(pa, pc)
+
+
+def test_saved_tiny_pipeline_loads_with_diffusers(tmp_path):
+    pipe = build_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "tiny")
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny")
+    again = load_pipeline(str(tmp_path / "tiny"))  # the trainer's model=DIR path
+    assert again.scheduler.__class__.__name__ == "DDIMScheduler"
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb = encode_prompts(pipe, ["cat", "a dog riding a bike"], "cpu")
+    assert torch.equal(emb, encode_prompts(loaded, ["cat", "a dog riding a bike"], "cpu"))
+    with torch.no_grad():
+        ref = pipe.unet(x, 500, encoder_hidden_states=emb).sample
+        assert torch.equal(ref, loaded.unet(x, 500, encoder_hidden_states=emb).sample)
+        assert torch.equal(ref, again.unet(x, 500, encoder_hidden_states=emb).sample)
+    assert isinstance(UNet2DConditionModel.from_pretrained(tmp_path / "tiny", subfolder="unet"), UNet2DConditionModel)
+
+
+def test_diffusers_pipeline_call_runs_on_tiny_model():
+    pipe = build_tiny_pipeline()
+    out = pipe(["cat"], num_inference_steps=2, guidance_scale=3.0, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="model="):
+        load_pipeline(str(tmp_path / "nothing-here"))

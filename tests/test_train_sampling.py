@@ -1,0 +1,150 @@
+"""Sampling with log-probs, the trajectory buffer, rewards, prompts and advantages."""
+import numpy as np
+import pytest
+import torch
+
+from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages, global_advantages
+from ddpo_fast.models import build_tiny_pipeline, encode_prompts
+from ddpo_fast.ops import ddim_step_logprob, scheduler_alphas
+from ddpo_fast.prompts import get_prompt_fn
+from ddpo_fast.rewards import RewardPool, get_reward_fn, jpeg_sizes_kb
+from ddpo_fast.sampling import (Trajectories, choose_train_steps, decode_images, expected_bytes_per_sample,
+                                sample_batch, unet_forward)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = build_tiny_pipeline()
+    p.scheduler.set_timesteps(6)
+    return p
+
+
+def _sample(pipe, storage_dtype=torch.float32, seed=3, k=3, batch=3, cfg=True):
+    emb = encode_prompts(pipe, ["cat", "dog", "a cow riding a bike"][:batch], "cpu")
+    neg = encode_prompts(pipe, [""], "cpu") if cfg else None
+    traj, final = sample_batch(pipe.unet, pipe.scheduler, emb, neg, latent_shape=(4, 8, 8), eta=1.0,
+                               guidance_scale=4.0, num_train_timesteps=k, seed=seed, storage_dtype=storage_dtype)
+    return traj, final, emb, neg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_buffer_bytes_match_formula(pipe, dtype):
+    traj, _, emb, _ = _sample(pipe, storage_dtype=dtype)
+    expected = expected_bytes_per_sample(3, (4, 8, 8), dtype, emb.shape[1:], emb.dtype)
+    assert traj.bytes_per_sample() == expected
+    assert expected == 3 * (2 * 256 * torch.empty((), dtype=dtype).element_size() + 4 + 8) + 16 * 32 * 4
+    assert traj.latents.dtype == dtype and traj.next_latents.dtype == dtype and traj.log_probs.dtype == torch.float32
+
+
+def test_chosen_steps_are_distinct_and_sorted():
+    steps = choose_train_steps(16, 10, 4, torch.Generator().manual_seed(0))
+    assert steps.shape == (16, 4)
+    assert (steps[:, 1:] > steps[:, :-1]).all() and steps.min() >= 0 and steps.max() < 10
+    assert len({tuple(r) for r in steps.tolist()}) > 1  # chosen per sample
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_stored_log_probs_are_those_of_the_stored_latents(pipe, dtype):
+    """The first PPO ratio is 1: the log-prob recomputed from the buffer equals the stored one."""
+    traj, _, emb, neg = _sample(pipe, storage_dtype=dtype)
+    timesteps = pipe.scheduler.timesteps
+    for j in range(traj.latents.shape[1]):
+        x, x_next = traj.latents[:, j].contiguous(), traj.next_latents[:, j].contiguous()
+        t = timesteps[traj.step_indices[:, j]]
+        a, p = scheduler_alphas(pipe.scheduler, t, len(x), "cpu")
+        with torch.no_grad():
+            out = unet_forward(pipe.unet, x, t, emb, neg)
+        _, log_prob = ddim_step_logprob(out, x, a, p, eta=1.0, prev_sample=x_next, guidance_scale=4.0)
+        torch.testing.assert_close(log_prob, traj.log_probs[:, j], rtol=0, atol=1e-4)
+
+
+def test_buffer_holds_the_chain_at_the_chosen_steps(pipe):
+    """With every step kept, x_{t-1} of step i is x_t of step i + 1 and the last one is the output."""
+    traj, final, _, _ = _sample(pipe, k=6)
+    assert torch.equal(traj.step_indices, torch.arange(6).expand(3, 6))
+    assert torch.equal(traj.next_latents[:, :-1], traj.latents[:, 1:])
+    assert torch.equal(traj.next_latents[:, -1], final)
+    assert (traj.log_probs != 0).all()
+
+
+def test_sampling_is_reproducible_from_the_seed(pipe):
+    a, fa, _, _ = _sample(pipe, seed=11)
+    b, fb, _, _ = _sample(pipe, seed=11)
+    c, fc, _, _ = _sample(pipe, seed=12)
+    assert torch.equal(fa, fb) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.equal(fa, fc)
+
+
+def test_trajectories_select_and_cat(pipe):
+    traj, _, _, _ = _sample(pipe)
+    both = Trajectories.cat([traj, traj])
+    assert len(both) == 6
+    assert torch.equal(both.select(torch.tensor([4])).latents, traj.latents[1:2])
+
+
+def test_jpeg_rewards(pipe):
+    flat = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
+    noisy = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([flat, noisy])
+    sizes = jpeg_sizes_kb(images)
+    assert sizes[0] < sizes[1]
+    r, info = get_reward_fn("jpeg_compressibility")(images, ["a", "b"], [{}, {}])
+    assert r[0] > r[1] and r.shape == (2,) and "jpeg_kb" in info
+    r, _ = get_reward_fn("jpeg_incompressibility")(images, ["a", "b"], [{}, {}])
+    assert r[0] < r[1]
+    with pytest.raises(ValueError, match="uint8"):
+        jpeg_sizes_kb(images.float())
+
+
+def test_reward_pool_and_user_reward(pipe):
+    _, final, _, _ = _sample(pipe)
+    images = decode_images(pipe.vae, final)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 64, 64)
+    pool = RewardPool(get_reward_fn("train_helpers:nan_first_reward"), workers=2)
+    rewards, _ = pool.submit(images, ["a", "b", "c"], [{}, {}, {}]).result()
+    pool.close()
+    assert torch.isnan(rewards[0]) and torch.isfinite(rewards[1:]).all()
+    with pytest.raises(ValueError, match="no function"):
+        get_reward_fn("train_helpers:nope")
+
+
+def test_prompt_sources(tmp_path):
+    import random
+
+    path = tmp_path / "p.txt"
+    path.write_text("one prompt\n\nanother prompt\n")
+    fn = get_prompt_fn(f"file:{path}")
+    drawn = {fn(random.Random(i))[0] for i in range(30)}
+    assert drawn == {"one prompt", "another prompt"}
+    prompt, meta = get_prompt_fn("animal_activities")(random.Random(0))
+    assert meta["activity"] in prompt and meta["animal"] in prompt
+    assert get_prompt_fn("common_animals")(random.Random(0))[0]
+    with pytest.raises(ValueError, match="prompts="):
+        get_prompt_fn("nothing")
+
+
+def test_per_prompt_stat_tracking():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    prompts = ["a", "a", "b", "b"]
+    first = tracker.update(prompts, np.array([1.0, 3.0, 10.0, 20.0]))
+    batch = np.array([1.0, 3.0, 10.0, 20.0])
+    np.testing.assert_allclose(first, (batch - batch.mean()) / (batch.std() + 1e-6))  # below min_count
+    second = tracker.update(["a", "a"], np.array([5.0, 7.0]))  # "a" now has 4 rewards: 1, 3, 5, 7
+    hist = np.array([1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(second, (np.array([5.0, 7.0]) - hist.mean()) / (hist.std() + 1e-6))
+    tracker.update(["a"], np.array([9.0]))  # the buffer keeps the last 4
+    assert list(tracker.stats["a"]) == [3.0, 5.0, 7.0, 9.0]
+    restored = PerPromptStatTracker(4, 3)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.stats == tracker.stats
+
+
+def test_non_finite_rewards_get_zero_advantage():
+    rewards = np.array([1.0, np.nan, 3.0, np.inf])
+    adv = global_advantages(rewards)
+    assert adv[1] == 0 and adv[3] == 0 and np.isfinite(adv).all()
+    tracker = PerPromptStatTracker(8, 1)
+    adv = tracker.update(["a", "a", "a", "a"], rewards)
+    assert adv[1] == 0 and np.isfinite(adv).all() and list(tracker.stats["a"]) == [1.0, 3.0]
+    mine, all_rewards, all_adv = compute_advantages(torch.tensor([1.0, 2.0]), ["x", "y"], None)
+    assert mine.dtype == torch.float32 and all_rewards.shape == (2,) and mine[0] < mine[1]

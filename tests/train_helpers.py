@@ -1,0 +1,97 @@
+"""Helpers for the trainer tests: small configs, user reward functions, running the trainer."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ddpo_fast.rewards import jpeg_compressibility
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+# A run of a few seconds: 2 epochs of 8 samples, 4 DDIM steps, 2 trained per sample.
+TINY = [
+    "num_epochs=2", "sample.num_steps=4", "sample.batch_size=4", "sample.num_batches_per_epoch=2",
+    "train.batch_size=4", "train.timestep_fraction=0.5", "sample.guidance_scale=3",
+    "per_prompt_stat_tracking.min_count=2", "reward_workers=1",
+]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), e.get("PYTHONPATH", "")])
+    e["DDPO_FAST_NO_PROGRESS"] = "1"
+    e.setdefault("OMP_NUM_THREADS", "1")  # two ranks on a small CPU: no oversubscription
+    return e
+
+
+def run_train(args: list[str], *, extra_env: dict | None = None, check: bool = True, timeout: int = 300):
+    """`python -m ddpo_fast.train ARGS` in a subprocess; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "ddpo_fast.train", *args], cwd=REPO, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 300, *, check: bool = True,
+                  extra_env: dict | None = None):
+    """`deepspeed --num_gpus RANKS ddpo_fast/train.py ARGS` (CPU ranks here)."""
+    port = str(29500 + (os.getpid() % 1000))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
+           str(REPO / "ddpo_fast" / "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"deepspeed run failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+# ---- user reward functions (used as reward=train_helpers:NAME) --------------------------------
+def nan_first_reward(images: torch.Tensor, prompts, metadata):
+    """JPEG compressibility, except that the first image of every batch gets NaN."""
+    rewards, info = jpeg_compressibility(images, prompts, metadata)
+    rewards = rewards.clone()
+    rewards[0] = float("nan")
+    return rewards, info
+
+
+_calls = 0
+
+
+def kill_once_reward(images: torch.Tensor, prompts, metadata):
+    """JPEG compressibility; SIGKILLs its own process at call DDPO_TEST_KILL_AT (1-based), once:
+    the marker file DDPO_TEST_KILL_MARKER records that the kill happened."""
+    global _calls
+    _calls += 1
+    marker = os.environ.get("DDPO_TEST_KILL_MARKER")
+    if marker and _calls == int(os.environ["DDPO_TEST_KILL_AT"]) and not os.path.exists(marker):
+        Path(marker).write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return jpeg_compressibility(images, prompts, metadata)
+
+
+def poisoned_main(argv: list[str]) -> None:
+    """Runs the trainer with the loss of its first backward call made NaN (python -c entry point)."""
+    import ddpo_fast.train as train
+
+    original = train.Trainer.loss_fn
+    calls = {"n": 0}
+
+    def poisoned(self, *args):
+        loss, stats = original(self, *args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 1 else loss), stats
+
+    train.Trainer.loss_fn = poisoned
+    train.main(argv)
