@@ -10,8 +10,9 @@ reference, and trl's scheduler_step.
     python benchmarks/ops.py --device cuda         # GPU: CUDA and Triton kernels vs baselines
     python benchmarks/ops.py --quick               # fewer sizes and repetitions
 
-The sampling-step baselines include their noise generation (torch.randn); the fused step draws its
-noise in the kernel from the Philox stream.
+The sampling-step baselines include their noise generation (torch.randn outside the compiled math);
+the fused step draws its noise in the kernel from the Philox stream. Candidates run interleaved,
+so each starts with caches disturbed by the others, as an op between UNet calls does.
 """
 from __future__ import annotations
 
@@ -83,8 +84,7 @@ def make_inputs(batch: int, shape: tuple, device: torch.device):
     return model_output, sample, alpha_t, alpha_prev
 
 
-def reference_step(model_output, sample, alpha_t, alpha_prev):
-    noise = torch.randn(sample.shape, device=sample.device)
+def reference_step(model_output, sample, alpha_t, alpha_prev, noise):
     return reference.ddim_step(model_output, sample, alpha_t, alpha_prev, noise=noise, guidance_scale=GUIDANCE)
 
 
@@ -116,11 +116,12 @@ def trl_candidate(model_output, sample, device):
 
 def bench_step(batch, shape, device, rounds, backends):
     model_output, sample, alpha_t, alpha_prev = make_inputs(batch, shape, device)
-    compiled = torch.compile(reference_step)
-    candidates = {
-        "eager": lambda: reference_step(model_output, sample, alpha_t, alpha_prev),
-        "compile": lambda: compiled(model_output, sample, alpha_t, alpha_prev),
-    }
+    compiled = torch.compile(reference_step)  # the math; its noise comes from torch.randn, timed with it
+
+    def baseline(step):
+        return lambda: step(model_output, sample, alpha_t, alpha_prev, torch.randn(sample.shape, device=device))
+
+    candidates = {"eager": baseline(reference_step), "compile": baseline(compiled)}
     trl = trl_candidate(model_output, sample, device)
     if trl is not None:
         candidates["trl"] = trl
@@ -137,7 +138,7 @@ def bench_step(batch, shape, device, rounds, backends):
 
 def bench_loss(batch, shape, device, rounds, backends):
     model_output, sample, alpha_t, alpha_prev = make_inputs(batch, shape, device)
-    prev_sample, old_log_prob = reference_step(model_output, sample, alpha_t, alpha_prev)
+    prev_sample, old_log_prob = reference_step(model_output, sample, alpha_t, alpha_prev, torch.randn_like(sample))
     advantages = torch.randn(batch, device=device)
     leaf = model_output.clone().requires_grad_()
     compiled = torch.compile(reference_loss)

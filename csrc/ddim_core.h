@@ -60,7 +60,10 @@ struct DdimArgs {
   uintptr_t clipfrac = 0;
   uintptr_t dloss_dlogp = 0;
 
-  // Backward: grad_model_output = d mu / d m * (grad_prev_sample + c_b (x' - mu)),
+  // CPU only: with the PPO stage, a forward call with grad_model_output set also writes
+// d loss / d model_output (for a unit upstream gradient) in the same pass over the data.
+//
+// Backward: grad_model_output = d mu / d m * (grad_prev_sample + c_b (x' - mu)),
   // c_b = grad_log_prob[b] / (sigma_b^2 numel). grad_prev_sample is optional (0 = none).
   uintptr_t grad_prev_sample = 0;
   int32_t grad_prev_sample_dtype = kFloat32;

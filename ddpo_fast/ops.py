@@ -264,6 +264,8 @@ def _policy_args(inputs) -> dict:
 
 def _step_backward(ctx, grad_prev_sample, grad_log_prob):
     model_output, sample, prev_sample, alpha_t, alpha_prev = ctx.saved_tensors
+    if grad_prev_sample is None and grad_log_prob is None:
+        return None
     if grad_log_prob is None:
         grad_log_prob = torch.zeros_like(alpha_t)
     return _ddim_step_backward_op(grad_prev_sample, grad_log_prob, model_output, sample, prev_sample,
@@ -276,6 +278,7 @@ def _setup_step(ctx, inputs, output):
                      "out_dtype"), inputs))
     ctx.save_for_backward(args["model_output"], args["sample"], output[0], args["alpha_t"], args["alpha_prev"])
     ctx.policy = _policy_args(args)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
 
 
 def _backward_step(ctx, grad_prev_sample, grad_log_prob):
@@ -314,43 +317,57 @@ def _ddim_ppo_loss_op(
     model_output: Tensor, sample: Tensor, prev_sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor,
     old_log_prob: Tensor, advantages: Tensor, eta: float, guidance_scale: Optional[float], prediction: int,
     clip_sample_range: Optional[float], use_clipped_model_output: bool, clip_range: float, adv_clip_max: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Outputs: loss, log_prob, approx_kl, clipfrac, dloss_dlogp, and with `with_grad` (CPU backend)
+    d loss / d model_output for a unit upstream gradient, made in the same pass (else empty)."""
     batch, rows = sample.shape[0], model_output.shape[0]
     outputs = _ppo_outputs(batch, alpha_t)
+    grad = torch.empty_like(model_output) if with_grad else model_output.new_empty(0)
     call = DdimCall(
         model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
         alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch), log_prob=alpha_t.new_empty(batch),
         eta=eta, guidance_scale=guidance_scale, prediction=prediction, clip_sample_range=clip_sample_range,
         use_clipped_model_output=use_clipped_model_output, old_log_prob=old_log_prob, advantages=advantages,
-        ppo_clip_range=clip_range, adv_clip_max=adv_clip_max, **outputs,
+        ppo_clip_range=clip_range, adv_clip_max=adv_clip_max, grad_model_output=_flat(grad, rows) if with_grad else None,
+        **outputs,
     )
     runner(resolve_backend(sample.device)).forward(call)
-    return outputs["loss"], call.log_prob, outputs["approx_kl"], outputs["clipfrac"], outputs["dloss_dlogp"]
+    return outputs["loss"], call.log_prob, outputs["approx_kl"], outputs["clipfrac"], outputs["dloss_dlogp"], grad
 
 
 @_ddim_ppo_loss_op.register_fake
 def _(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, eta, guidance_scale,
-      prediction, clip_sample_range, use_clipped_model_output, clip_range, adv_clip_max):
+      prediction, clip_sample_range, use_clipped_model_output, clip_range, adv_clip_max, with_grad):
     batch = sample.shape[0]
+    grad = torch.empty_like(model_output) if with_grad else model_output.new_empty(0)
     return (alpha_t.new_empty(()), alpha_t.new_empty(batch), alpha_t.new_empty(()), alpha_t.new_empty(()),
-            alpha_t.new_empty(batch))
+            alpha_t.new_empty(batch), grad)
 
 
 def _setup_ddim_ppo(ctx, inputs, output):
     args = dict(zip(("model_output", "sample", "prev_sample", "alpha_t", "alpha_prev", "old_log_prob",
                      "advantages", "eta", "guidance_scale", "prediction", "clip_sample_range",
-                     "use_clipped_model_output", "clip_range", "adv_clip_max"), inputs))
+                     "use_clipped_model_output", "clip_range", "adv_clip_max", "with_grad"), inputs))
     ctx.save_for_backward(args["model_output"], args["sample"], args["prev_sample"], args["alpha_t"],
-                          args["alpha_prev"], output[4])
+                          args["alpha_prev"], output[4], output[5])
     ctx.policy = _policy_args(args)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the stats and the unit gradient
 
 
 def _backward_ddim_ppo(ctx, grad_loss, *_unused_stat_grads):
-    model_output, sample, prev_sample, alpha_t, alpha_prev, dloss_dlogp = ctx.saved_tensors
-    grad_log_prob = dloss_dlogp * grad_loss
-    grad = _ddim_step_backward_op(None, grad_log_prob, model_output, sample, prev_sample, alpha_t, alpha_prev,
-                                  **ctx.policy)
-    return (grad,) + (None,) * 13
+    if grad_loss is None:  # only the statistics were used
+        return (None,) * 15
+    model_output, sample, prev_sample, alpha_t, alpha_prev, dloss_dlogp, unit_grad = ctx.saved_tensors
+    # The gradient made in the forward pass serves when the upstream gradient is exactly 1 (the
+    # loss itself is backpropagated): on CPU that is known without a device synchronisation. Only
+    # for real tensors: a traced backward (fake or functional tensors) has no value to look at.
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    if unit_grad.numel() and eager and grad_loss.item() == 1.0:
+        return (unit_grad,) + (None,) * 14
+    grad = _ddim_step_backward_op(None, dloss_dlogp * grad_loss, model_output, sample, prev_sample, alpha_t,
+                                  alpha_prev, **ctx.policy)
+    return (grad,) + (None,) * 14
 
 
 _ddim_ppo_loss_op.register_autograd(_backward_ddim_ppo, setup_context=_setup_ddim_ppo)
@@ -380,9 +397,12 @@ def _(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
 
 def _setup_ppo(ctx, inputs, output):
     ctx.save_for_backward(output[3])
+    ctx.set_materialize_grads(False)
 
 
 def _backward_ppo(ctx, grad_loss, *_unused_stat_grads):
+    if grad_loss is None:
+        return None, None, None, None, None
     (dloss_dlogp,) = ctx.saved_tensors
     return dloss_dlogp * grad_loss, None, None, None, None
 
@@ -576,10 +596,14 @@ def ddim_ppo_loss(
         return reference.ddim_ppo_loss(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob,
                                        advantages, clip_range=clip_range, adv_clip_max=adv_clip_max,
                                        prediction_type=prediction_type, **policy)
-    loss, log_prob, approx_kl, clipfrac, _ = _ddim_ppo_loss_op(
+    # On CPU the forward pass also makes the gradient, while the data is in cache (eager only: the
+    # backward checks the upstream gradient on the host).
+    with_grad = (resolve_backend(sample.device) == "cpu" and not torch.compiler.is_compiling()
+                 and torch.is_grad_enabled() and model_output.requires_grad)
+    loss, log_prob, approx_kl, clipfrac, _, _ = _ddim_ppo_loss_op(
         model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob.to(dtype).contiguous(),
         advantages.to(dtype).contiguous(), prediction=PREDICTION_CODES[prediction_type],
-        clip_range=clip_range, adv_clip_max=adv_clip_max, **policy)
+        clip_range=clip_range, adv_clip_max=adv_clip_max, with_grad=with_grad, **policy)
     return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach(), "log_prob": log_prob.detach()}
 
 

@@ -416,16 +416,51 @@ def _op_samples():
     return {
         "ddim_step": (m, sample, a, p, noise, 0, 0, 1.0, 2.0, 0, None, False, torch.float32),
         "ddim_log_prob": (m, sample, prev, a, p, 1.0, 2.0, 1, 1.0, True),
-        "ddim_ppo_loss": (m, sample, prev, a, p, old, torch.randn(batch), 1.0, 2.0, 2, None, False, 0.01, 5.0),
+        "ddim_ppo_loss": (m, sample, prev, a, p, old, torch.randn(batch), 1.0, 2.0, 2, None, False, 0.01, 5.0, False),
+        "ddim_ppo_loss_with_grad": (m, sample, prev, a, p, old, torch.randn(batch), 1.0, 2.0, 2, None, False, 0.01,
+                                    5.0, True),
         "ppo_clip_loss": (old.clone().requires_grad_(), old + 0.01, torch.randn(batch), 0.01, 5.0),
         "ddim_step_backward": (None, torch.randn(batch), model_output, sample, prev, a, p, 1.0, 2.0, 0, None, False),
     }
 
 
-@pytest.mark.parametrize("name", ["ddim_step", "ddim_log_prob", "ddim_ppo_loss", "ppo_clip_loss", "ddim_step_backward"])
+@pytest.mark.parametrize("name", ["ddim_step", "ddim_log_prob", "ddim_ppo_loss", "ddim_ppo_loss_with_grad",
+                                  "ppo_clip_loss", "ddim_step_backward"])
 def test_opcheck(cpu_backend, name):
-    op = getattr(torch.ops.ddpo_fast, name).default
+    op = getattr(torch.ops.ddpo_fast, name.removesuffix("_with_grad")).default
     torch.library.opcheck(op, _op_samples()[name])
+
+
+@pytest.mark.parametrize("cfg,clip", [(None, None), (3.0, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_loss_gradient_equals_the_two_pass_one(cpu_isa, cfg, clip, dtype):
+    """On CPU the loss's forward pass also makes the gradient (for a unit upstream gradient). It is
+    bit-identical to the separate backward kernel fed the same d loss / d log_prob, and a
+    non-unit upstream gradient falls back to that kernel."""
+    batch = 7
+    model_output, sample, noise = make_inputs(batch, (4, 64, 64), dtype, cfg is not None)
+    a, p = random_alphas(batch)
+    prev, old = ops.ddim_step_logprob(model_output, sample, a, p, noise=noise, guidance_scale=cfg,
+                                      clip_sample_range=clip)
+    advantages = torch.randn(batch)
+    new_output = (model_output.float() + 0.05 * torch.randn(model_output.shape)).to(dtype)
+    policy = (1.0, cfg, 0, clip, False)
+    outputs = torch.ops.ddpo_fast.ddim_ppo_loss(new_output, sample, prev, a, p, old, advantages, *policy, 0.05, 2.0, True)
+    dloss_dlogp, one_pass = outputs[4], outputs[5]
+    two_pass = torch.ops.ddpo_fast.ddim_step_backward(None, dloss_dlogp, new_output, sample, prev, a, p, *policy)
+    assert one_pass.abs().max() > 0
+    assert torch.equal(one_pass, two_pass)
+    # Through autograd: upstream 1 uses the one-pass gradient, upstream 3 the backward kernel.
+    grads = []
+    for upstream in (1.0, 3.0):
+        m = new_output.clone().requires_grad_()
+        loss, _ = ops.ddim_ppo_loss(m, sample, prev, a, p, old, advantages, clip_range=0.05, adv_clip_max=2.0,
+                                    guidance_scale=cfg, clip_sample_range=clip)
+        (upstream * loss).backward()
+        grads.append(m.grad)
+    assert torch.equal(grads[0], one_pass)
+    expected = torch.ops.ddpo_fast.ddim_step_backward(None, dloss_dlogp * 3.0, new_output, sample, prev, a, p, *policy)
+    assert torch.equal(grads[1], expected)
 
 
 def test_torch_compile_fullgraph(cpu_backend):

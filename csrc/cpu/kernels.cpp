@@ -222,6 +222,43 @@ void forward_impl(const DdimArgs& a) {
   }
 }
 
+// The PPO loss forward and its gradient in one pass over the data, one sample per work item: the
+// sample's rows are read from memory once to reduce its log-probability, the PPO derivative of that
+// sample alone (d loss / d log_prob_b) follows, and the gradient pass re-reads the rows from cache.
+// Writes grad_model_output for a unit upstream gradient. Bit-identical to forward_impl followed by
+// the PPO stage and backward_impl with grad_log_prob = dloss_dlogp (same sums in the same order).
+template <typename T>
+void forward_with_gradient_impl(const DdimArgs& a) {
+  const int64_t chunks = chunks_per_sample(a.numel);
+  const auto coef = step_coefficients<T>(a);
+  const T* old_log_prob = reinterpret_cast<const T*>(a.old_log_prob);
+  const T* advantages = reinterpret_cast<const T*>(a.advantages);
+  T* log_prob = reinterpret_cast<T*>(a.log_prob);
+  parallel_for(a.batch, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double sumsq = 0.0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t i0 = c * kChunk, i1 = std::min(a.numel, i0 + kChunk);
+        sumsq += a.clip_sample ? forward_chunk<T, true>(a, coef[b], b, i0, i1)
+                               : forward_chunk<T, false>(a, coef[b], b, i0, i1);
+      }
+      log_prob[b] = log_prob_from_sumsq(coef[b], T(sumsq), a.numel);
+      const PpoTerm<T> term = ppo_term<T>(log_prob[b], old_log_prob[b], advantages[b], T(a.ppo_clip_range),
+                                          T(a.adv_clip_max));
+      const T grad_log_prob = term.dloss_dlogp / T(a.batch);
+      const T scale = grad_log_prob * coef[b].inv_var / T(a.numel);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t i0 = c * kChunk, i1 = std::min(a.numel, i0 + kChunk);
+        if (a.clip_sample) {
+          backward_chunk<T, true>(a, coef[b], scale, b, i0, i1);
+        } else {
+          backward_chunk<T, false>(a, coef[b], scale, b, i0, i1);
+        }
+      }
+    }
+  }, a.batch * a.numel >= kParallelElements);
+}
+
 template <typename T>
 void backward_impl(const DdimArgs& a) {
   const int64_t chunks = chunks_per_sample(a.numel);
@@ -243,10 +280,11 @@ void backward_impl(const DdimArgs& a) {
 }  // namespace
 
 void forward(const DdimArgs& args) {
+  const bool with_gradient = args.old_log_prob != 0 && args.grad_model_output != 0;
   if (args.compute == kFloat64) {
-    forward_impl<double>(args);
+    with_gradient ? forward_with_gradient_impl<double>(args) : forward_impl<double>(args);
   } else {
-    forward_impl<float>(args);
+    with_gradient ? forward_with_gradient_impl<float>(args) : forward_impl<float>(args);
   }
 }
 
