@@ -161,17 +161,6 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
         "train.batch_size": 4,
         "train.gradient_accumulation_steps": 2,
     },
-    "incompressibility": {
-        "model": "runwayml/stable-diffusion-v1-5",
-        "reward": "jpeg_incompressibility",
-        "prompts": "common_animals",
-        "num_epochs": 100,
-        "use_lora": True,
-        "sample.batch_size": 8,
-        "sample.num_batches_per_epoch": 4,
-        "train.batch_size": 4,
-        "train.gradient_accumulation_steps": 2,
-    },
     "aesthetic": {
         "model": "runwayml/stable-diffusion-v1-5",
         "reward": "aesthetic_score",
@@ -196,6 +185,9 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
         "per_prompt_stat_tracking.buffer_size": 32,
     },
 }
+# Incompressibility is the compressibility task with the opposite reward.
+PRESETS["incompressibility"] = {**PRESETS["compressibility"], "reward": "jpeg_incompressibility"}
+
 DEFAULT_PRESET = "tiny-compressibility"
 
 
