@@ -166,10 +166,6 @@ def _reject_grad(op: str, **tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{op} is differentiable only with respect to model_output: detach {name}")
 
 
-def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    return reference.compute_dtype(*tensors)
-
-
 # ---- Custom ops (compiled backends) ------------------------------------------------------------
 
 
@@ -490,7 +486,7 @@ def ddim_step_logprob(
     alpha_t = _per_sample_alphas("alpha_prod_t", alpha_prod_t, batch, sample)
     alpha_prev = _per_sample_alphas("alpha_prod_t_prev", alpha_prod_t_prev, batch, sample)
     _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample, noise=noise)
-    dtype = _compute_dtype(model_output, sample, prev_sample)
+    dtype = reference.compute_dtype(model_output, sample, prev_sample)
     alpha_t, alpha_prev = alpha_t.to(dtype).contiguous(), alpha_prev.to(dtype).contiguous()
     _check_alpha_values(alpha_t, alpha_prev)
     _reject_grad("ddim_step_logprob", sample=sample, noise=noise, alpha_prod_t=alpha_t, alpha_prod_t_prev=alpha_prev)
@@ -543,7 +539,7 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
     _reject_grad("ppo_clip_loss", old_log_prob=old_log_prob, advantages=advantages)
     if resolve_backend(log_prob.device) == "reference":
         return reference.ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max)
-    dtype = _compute_dtype(log_prob, old_log_prob, advantages)
+    dtype = reference.compute_dtype(log_prob, old_log_prob, advantages)
     loss, approx_kl, clipfrac, _ = _ppo_clip_loss_op(
         log_prob.to(dtype).contiguous(), old_log_prob.to(dtype).contiguous(), advantages.to(dtype).contiguous(),
         clip_range, adv_clip_max)
@@ -587,7 +583,7 @@ def ddim_ppo_loss(
     _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample)
     _reject_grad("ddim_ppo_loss", sample=sample, prev_sample=prev_sample, old_log_prob=old_log_prob,
                  advantages=advantages, alpha_prod_t=alpha_t, alpha_prod_t_prev=alpha_prev)
-    dtype = _compute_dtype(model_output, sample, prev_sample)
+    dtype = reference.compute_dtype(model_output, sample, prev_sample)
     alpha_t, alpha_prev = alpha_t.to(dtype).contiguous(), alpha_prev.to(dtype).contiguous()
     _check_alpha_values(alpha_t, alpha_prev)
     policy = dict(eta=eta, guidance_scale=guidance_scale, clip_sample_range=clip_sample_range,
