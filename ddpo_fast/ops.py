@@ -355,12 +355,13 @@ def _backward_ddim_ppo(ctx, grad_loss, *_unused_stat_grads):
     if grad_loss is None:  # only the statistics were used
         return (None,) * 15
     model_output, sample, prev_sample, alpha_t, alpha_prev, dloss_dlogp, unit_grad = ctx.saved_tensors
-    # The gradient made in the forward pass serves when the upstream gradient is exactly 1 (the
-    # loss itself is backpropagated): on CPU that is known without a device synchronisation. Only
-    # for real tensors: a traced backward (fake or functional tensors) has no value to look at.
-    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-    if unit_grad.numel() and eager and grad_loss.item() == 1.0:
-        return (unit_grad,) + (None,) * 14
+    # The gradient made in the forward pass (CPU): as it is for an upstream gradient of exactly 1,
+    # else scaled (the trainers backpropagate loss / accumulation steps); either way cheaper than
+    # re-reading the inputs. The value is read only from a real CPU tensor (no device sync); a traced
+    # backward (fake or functional tensors) always scales.
+    if unit_grad.numel():
+        unit = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.item() == 1.0
+        return (unit_grad if unit else unit_grad * grad_loss,) + (None,) * 14
     grad = _ddim_step_backward_op(None, dloss_dlogp * grad_loss, model_output, sample, prev_sample, alpha_t,
                                   alpha_prev, **ctx.policy)
     return (grad,) + (None,) * 14
@@ -592,8 +593,8 @@ def ddim_ppo_loss(
         return reference.ddim_ppo_loss(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob,
                                        advantages, clip_range=clip_range, adv_clip_max=adv_clip_max,
                                        prediction_type=prediction_type, **policy)
-    # On CPU the forward pass also makes the gradient, while the data is in cache (eager only: the
-    # backward checks the upstream gradient on the host).
+    # On CPU the forward pass also makes the gradient, while the data is in cache (eager only: a
+    # traced graph keeps the separate backward kernel).
     with_grad = (resolve_backend(sample.device) == "cpu" and not torch.compiler.is_compiling()
                  and torch.is_grad_enabled() and model_output.requires_grad)
     loss, log_prob, approx_kl, clipfrac, _, _ = _ddim_ppo_loss_op(
