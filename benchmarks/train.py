@@ -2,11 +2,19 @@
 baseline of the same algorithm) on the same saved tiny pipeline and the same config.
 
     python benchmarks/train.py [--epochs 3] [--csv benchmarks/results/train.csv] [key=value ...]
+    python benchmarks/train.py --model sd15-random --epochs 3 mixed_precision=bf16   # on a GPU
 
 Defaults: the issue's bar config (20 DDIM steps, CFG 5, 32 samples per epoch, full finetune,
 JPEG compressibility). Each trainer runs in its own subprocess (clean peak memory); the first epoch
 is a warm-up and samples/s is the mean of the others. Peak memory: max RSS on CPU, max allocated on
-CUDA. (The SD-1.5-shaped GPU configuration with model FLOP utilisation is not written yet.)
+CUDA.
+
+Model FLOP utilisation: the UNet's FLOPs per sample of an epoch (forwards while sampling, twice
+with CFG; forward + backward, counted as 3 forwards, for each trained step; counted with
+FlopCounterMode on meta tensors, ~0.80 TFLOP per SD-1.5 forward at 64x64 latents) times samples/s,
+over the device's measured matmul throughput in the run's dtype (a large matrix product).
+`--model sd15-random` runs ddpo_fast alone on the SD-1.5-shaped pipeline with random weights
+(trl's trainer needs a saved pipeline directory: 4 GB at that size).
 """
 from __future__ import annotations
 
@@ -36,6 +44,60 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bar_config(overrides: list[str]):
+    from ddpo_fast import config as cfg
+
+    return cfg.validate(cfg.from_preset("tiny-compressibility", [*BAR, *overrides]))
+
+
+def unet_flops_per_sample(model: str, overrides: list[str]) -> float:
+    """UNet FLOPs per sample of one epoch: sampling forwards plus 3x forward per trained step."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpo_fast import models
+
+    c = bar_config(overrides)
+    if model == "sd15-random":
+        unet_config, tokens = models.SD15_UNET, models.SD15_MAX_LENGTH
+    else:
+        unet_config, tokens = models.build_tiny_pipeline().unet.config, models.TINY_MAX_LENGTH
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        size = unet.config.sample_size
+        latents = torch.empty(1, unet.config.in_channels, size, size)
+        embeds = torch.empty(1, tokens, unet.config.cross_attention_dim)
+        with FlopCounterMode(display=False) as counter:
+            unet(latents, torch.tensor([500]), encoder_hidden_states=embeds)
+    forward = counter.get_total_flops()
+    sample_rows = 2 if c.use_cfg else 1
+    train_rows = 2 if c.use_cfg and c.train.cfg else 1
+    per_sample = c.sample.num_steps * sample_rows + 3 * c.num_train_timesteps * train_rows * c.train.num_inner_epochs
+    return forward * per_sample
+
+
+def matmul_peak_flops(dtype_name: str) -> float:
+    """Measured FLOP/s of a large matrix product on this device in the run's dtype."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name, torch.float32) if cuda else torch.float32
+    n = 8192 if cuda else 2048
+    a = torch.randn(n, n, device="cuda" if cuda else "cpu").to(dtype)
+    b = torch.randn(n, n, device=a.device).to(dtype)
+    for _ in range(3):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def run_ours(model_dir: str, overrides: list[str], epochs: int) -> dict:
@@ -120,6 +182,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--skip-trl", action="store_true", help="measure ddpo_fast only")
+    parser.add_argument("--model", choices=["tiny", "sd15-random"], default="tiny",
+                        help="built-in model (sd15-random: SD-1.5 shapes, random weights; ddpo_fast only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     if args.only:  # child process: one trainer, result as JSON on the last line
@@ -129,10 +193,13 @@ def main() -> int:
 
     from ddpo_fast.models import build_tiny_pipeline
 
-    model_dir = tempfile.mkdtemp(prefix="bench-tiny-")
-    build_tiny_pipeline().save_pretrained(model_dir)
+    if args.model == "tiny":
+        model_dir = tempfile.mkdtemp(prefix="bench-tiny-")
+        build_tiny_pipeline().save_pretrained(model_dir)
+    else:
+        model_dir = args.model  # built in the trainer's process
     rows = []
-    for which in (["ours"] if args.skip_trl else ["ours", "trl"]):
+    for which in (["ours"] if args.skip_trl or args.model != "tiny" else ["ours", "trl"]):
         cmd = [sys.executable, __file__, "--only", which, "--model-dir", model_dir, "--epochs", str(args.epochs),
                *args.overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -141,20 +208,24 @@ def main() -> int:
             return 1
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     config = " ".join([*BAR, *args.overrides])
-    print(f"config: {config}; epochs {args.epochs} (first one is warm-up)")
-    print(f"{'trainer':<26}{'samples/s':>12}{'peak MB':>10}{'vs trl':>9}{'reward first':>14}{'reward last':>13}")
+    flops_per_sample = unet_flops_per_sample(args.model, args.overrides)
+    peak = matmul_peak_flops(bar_config(args.overrides).mixed_precision)
+    print(f"model: {args.model}; config: {config}; epochs {args.epochs} (first one is warm-up)")
+    print(f"UNet {flops_per_sample / 1e12:.4f} TFLOP per sample; measured matmul peak {peak / 1e12:.2f} TFLOP/s")
+    print(f"{'trainer':<26}{'samples/s':>12}{'peak MB':>10}{'vs trl':>9}{'MFU':>8}{'reward first':>14}{'reward last':>13}")
     base = rows[-1]["samples_per_s"] if len(rows) > 1 else None
     for r in rows:
+        r["mfu"] = r["samples_per_s"] * flops_per_sample / peak
         ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
-        print(f"{r['trainer']:<26}{r['samples_per_s']:>12.2f}{r['peak_memory_mb']:>10.0f}{ratio:>9}"
+        print(f"{r['trainer']:<26}{r['samples_per_s']:>12.2f}{r['peak_memory_mb']:>10.0f}{ratio:>9}{r['mfu']:>8.1%}"
               f"{r['reward_first']:>14.4f}{r['reward_last']:>13.4f}")
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["trainer", "samples_per_s", "peak_memory_mb", "reward_first",
-                                               "reward_last", "config", "epochs"])
+        writer = csv.DictWriter(f, fieldnames=["trainer", "samples_per_s", "peak_memory_mb", "mfu", "reward_first",
+                                               "reward_last", "model", "config", "epochs"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "config": config, "epochs": args.epochs})
+            writer.writerow({**r, "model": args.model, "config": config, "epochs": args.epochs})
     print(f"wrote {args.csv}")
     return 0
 

@@ -74,7 +74,8 @@ class LoraConfig:
 @dataclass
 class Config:
     model: str = "tiny"  # "tiny", a diffusers pipeline directory, or a hub id
-    reward: str = "jpeg_compressibility"  # registered name or module:function
+    reward: str = "jpeg_compressibility"  # registered name, module:function or NAME:WEIGHT,... (ddpo_fast.rewards)
+    reward_options: str = ""  # key=value,key=value passed to the reward, e.g. clip_model=DIR,mlp_weights=FILE
     prompts: str = "simple_animals"  # registered set, file:PATH, or module:function
     seed: int = 0
     num_epochs: int = 100
@@ -163,7 +164,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
     },
     "aesthetic": {
         "model": "runwayml/stable-diffusion-v1-5",
-        "reward": "aesthetic_score",
+        "reward": "aesthetic",
         "prompts": "simple_animals",
         "num_epochs": 200,
         "use_lora": True,

@@ -105,13 +105,56 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     )
 
 
+# Stable Diffusion v1.5's architecture (UNet 859.5M parameters, VAE, CLIP ViT-L/14 text encoder).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=4, sample_size=512,
+)
+SD15_MAX_LENGTH = 77
+
+
+def build_sd15_random_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
+    """A pipeline of Stable Diffusion v1.5's shapes with seeded random weights (`model=sd15-random`),
+    for throughput and memory measurements at full size without downloading weights. The tokenizer
+    is the tiny one (with SD's 77 tokens), the text encoder CLIP ViT-L/14's text tower."""
+    tokenizer = tiny_tokenizer(SD15_MAX_LENGTH)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**SD15_VAE)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=SD15_MAX_LENGTH, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**scheduler_config()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+BUILT_IN_MODELS = {"tiny": build_tiny_pipeline, "sd15-random": build_sd15_random_pipeline}
+
+
 def load_pipeline(model: str, seed: int = TINY_SEED) -> StableDiffusionPipeline:
-    """`tiny`, a local diffusers pipeline directory, or a hub id (loaded with from_pretrained).
+    """A built-in model (`tiny`, `sd15-random`), a local diffusers pipeline directory, or a hub id
+    (loaded with from_pretrained).
 
     The scheduler is always a DDIMScheduler built from the pipeline's scheduler config.
     """
-    if model == "tiny":
-        pipe = build_tiny_pipeline(seed)
+    if model in BUILT_IN_MODELS:
+        pipe = BUILT_IN_MODELS[model](seed)
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)

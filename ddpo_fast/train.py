@@ -37,7 +37,9 @@ from ddpo_fast import config as cfg
 from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages
 from ddpo_fast.ops import ddim_ppo_loss, ddim_step_logprob, scheduler_alphas
 from ddpo_fast.prompts import get_prompt_fn
-from ddpo_fast.rewards import RewardPool, get_reward_fn
+from ddpo_fast.rewards import RewardPool, parse_options
+from ddpo_fast.rewards import build as build_reward
+from ddpo_fast.rewards import check as check_reward
 from ddpo_fast.sampling import DTYPES, Trajectories, autocast, decode_images, derive_seed, sample_batch, unet_forward
 
 CHECKPOINT_PREFIX = "epoch-"
@@ -549,7 +551,7 @@ def resolve_config(args, world_size: int) -> tuple[cfg.Config, Path]:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise cfg.ConfigError("mixed_precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
     try:
-        get_reward_fn(config.reward)
+        check_reward(config.reward, **parse_options(config.reward_options))
         get_prompt_fn(config.prompts)
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from None
@@ -611,7 +613,8 @@ def main(argv=None) -> Path:
     pipe.unet.to(device)
     unet, params = prepare_unet(pipe, config)
     engine = (DeepSpeedEngine if engine_name == "deepspeed" else TorchEngine)(unet, params, config)
-    pool = RewardPool(get_reward_fn(config.reward), workers=config.reward_workers)
+    reward_fn = build_reward(config.reward, **parse_options(config.reward_options))
+    pool = RewardPool(reward_fn, workers=config.reward_workers)
     trainer = Trainer(config, run_dir, pipe, engine, device, get_prompt_fn(config.prompts), pool)
     if checkpoint is not None:
         engine.load(checkpoint)

@@ -49,3 +49,30 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="model="):
         load_pipeline(str(tmp_path / "nothing-here"))
+
+
+def test_sd15_random_has_stable_diffusion_15_shapes():
+    """`model=sd15-random` is SD-1.5's architecture: its parameter counts, built on the meta device."""
+    with torch.device("meta"):
+        pipe = load_pipeline("sd15-random")
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964
+    assert sum(p.numel() for p in pipe.vae.parameters()) == 83_653_863
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 768
+    assert pipe.tokenizer.model_max_length == 77
+
+
+def test_benchmark_counts_unet_flops_per_sample():
+    """benchmarks/train.py's MFU numerator: ~0.80 TFLOP per SD-1.5 forward at 64x64 latents, times the
+    forwards of an epoch's sample (20 steps x 2 CFG rows while sampling, 3 x 20 x 2 while training)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sd15 = bench.unet_flops_per_sample("sd15-random", [])
+    assert abs(sd15 / (20 * 2 + 3 * 20 * 2) - 0.803e12) < 0.01e12
+    half = bench.unet_flops_per_sample("sd15-random", ["train.timestep_fraction=0.5"])
+    assert abs(half / (20 * 2 + 3 * 10 * 2) - 0.803e12) < 0.01e12
+    assert 0 < bench.unet_flops_per_sample("tiny", []) < sd15 / 1000
