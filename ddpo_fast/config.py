@@ -73,7 +73,7 @@ class LoraConfig:
 
 @dataclass
 class Config:
-    model: str = "tiny"  # "tiny", a diffusers pipeline directory, or a hub id
+    model: str = "tiny"  # "tiny", "sd15-random", a diffusers pipeline directory, or a hub id
     reward: str = "jpeg_compressibility"  # registered name, module:function or NAME:WEIGHT,... (ddpo_fast.rewards)
     reward_options: str = ""  # key=value,key=value passed to the reward, e.g. clip_model=DIR,mlp_weights=FILE
     prompts: str = "simple_animals"  # registered set, file:PATH, or module:function
