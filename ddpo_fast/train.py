@@ -388,14 +388,16 @@ class Trainer:
                 images_kept = images
             parts.append(traj)
             prompts += batch_prompts
+        wait_start = time.perf_counter()  # rewards overlap sampling: this is what was not hidden
         results = [f.result() for f in futures]
+        reward_wait = time.perf_counter() - wait_start
         rewards = torch.cat([r for r, _ in results])
         info: dict[str, float] = {}
         for _, batch_info in results:
             for k, v in batch_info.items():
                 if isinstance(v, (int, float)):
                     info[k] = info.get(k, 0.0) + float(v) / len(results)
-        return Trajectories.cat(parts), prompts, rewards, info, images_kept
+        return Trajectories.cat(parts), prompts, rewards, info, images_kept, reward_wait
 
     # 3. the policy update -----------------------------------------------------------------------
     def loss_fn(self, out, x, x_next, alpha_t, alpha_prev, old_log_prob, advantages, weights):
@@ -472,7 +474,7 @@ class Trainer:
         start = time.perf_counter()
         with tqdm(total=c.sample.num_batches_per_epoch * c.sample.num_steps, desc=f"epoch {epoch} sampling",
                   disable=not show, leave=False) as bar, self.gathered_for_sampling():
-            traj, prompts, rewards, info, images = self.sample_epoch(epoch, bar)
+            traj, prompts, rewards, info, images, reward_wait = self.sample_epoch(epoch, bar)
         sample_seconds = time.perf_counter() - start
 
         # 2. advantages over the rewards of all ranks; non-finite rewards are dropped (advantage 0)
@@ -491,6 +493,7 @@ class Trainer:
         train_seconds = time.perf_counter() - start
         stats = mean_across_ranks(stats)
         sample_seconds = max(mean_across_ranks({"s": sample_seconds})["s"], 1e-9)
+        reward_wait = mean_across_ranks({"s": reward_wait})["s"]
         train_seconds = mean_across_ranks({"s": train_seconds})["s"]
         total_samples = len(all_rewards)
         record = {
@@ -500,6 +503,7 @@ class Trainer:
             **stats,
             "samples_per_s": total_samples / (sample_seconds + train_seconds),
             "sample_seconds": sample_seconds,
+            "reward_wait_seconds": reward_wait,
             "train_seconds": train_seconds,
             "skipped_steps": self.engine.skipped_steps - skipped_before,
             "dropped_samples": dropped,

@@ -11,7 +11,7 @@ from ddpo_fast.models import build_tiny_pipeline
 from train_helpers import TINY, metrics, run_train
 
 METRIC_KEYS = {"epoch", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "grad_norm", "samples_per_s",
-               "sample_seconds", "train_seconds", "skipped_steps"}
+               "sample_seconds", "train_seconds", "skipped_steps", "reward_wait_seconds"}
 DETERMINISTIC = ["reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "grad_norm"]
 
 
@@ -39,6 +39,7 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
     for r in records:
         assert METRIC_KEYS <= set(r)
         assert r["skipped_steps"] == 0 and r["dropped_samples"] == 0
+        assert 0 <= r["reward_wait_seconds"] <= r["sample_seconds"]  # part of the sampling phase
         assert all(torch.isfinite(torch.tensor(r[k])) for k in DETERMINISTIC)
     assert records[0]["buffer_bytes_per_sample"] == 2 * (2 * 256 * 4 + 4 + 8) + 16 * 32 * 4
     assert (run / "reward_curve.png").stat().st_size > 0
