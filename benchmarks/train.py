@@ -123,7 +123,8 @@ def run_trl(model_dir: str, overrides: list[str], epochs: int) -> dict:
 
     from ddpo_fast import config as cfg
     from ddpo_fast.prompts import get_prompt_fn
-    from ddpo_fast.rewards import get_reward_fn
+    from ddpo_fast.rewards import build as build_reward
+    from ddpo_fast.rewards import parse_options
 
     warnings.filterwarnings("ignore")
     c = cfg.validate(cfg.from_preset("tiny-compressibility", [*BAR, *overrides]))
@@ -143,7 +144,7 @@ def run_trl(model_dir: str, overrides: list[str], epochs: int) -> dict:
         async_reward_computation=False, save_freq=10**6,  # trl's async mode wants futures from the reward
         logdir=tempfile.mkdtemp(prefix="bench-trl-"), log_with=None,
     )
-    reward = get_reward_fn(c.reward)
+    reward = build_reward(c.reward, **parse_options(c.reward_options))
     prompt_fn = get_prompt_fn(c.prompts)
     import random
 

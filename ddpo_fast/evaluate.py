@@ -21,7 +21,8 @@ import torch
 
 from ddpo_fast import config as cfg
 from ddpo_fast.models import encode_prompts, load_pipeline
-from ddpo_fast.rewards import get_reward_fn
+from ddpo_fast.rewards import build as build_reward
+from ddpo_fast.rewards import parse_options
 from ddpo_fast.sampling import decode_images, sample_batch
 
 DEFAULT_PROMPTS = ["cat", "dog", "horse", "a red car", "a house on a hill", "a bowl of fruit"]
@@ -93,12 +94,14 @@ def summarize(prompts: list[str], seeds: list[int], rewards: np.ndarray) -> dict
 
 
 def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | None = None,
-             prompts: list[str] | None = None, seeds: list[int] | None = None) -> dict:
+             prompts: list[str] | None = None, seeds: list[int] | None = None, reward_options: str = "") -> dict:
     prompts = prompts or DEFAULT_PROMPTS
     seeds = seeds or [0, 1]
     tuned_pipe, run_config = load_finetuned(Path(finetuned), base)
     config = run_config or cfg.from_preset()
-    reward_fn = get_reward_fn(reward or config.reward)
+    # The run's reward with the run's options (e.g. aesthetic's model paths), unless one is given.
+    spec, options = (reward, reward_options) if reward else (config.reward, config.reward_options)
+    reward_fn = build_reward(spec, **parse_options(options))
     base_pipe = load_pipeline(base or config.model)
     with torch.no_grad():
         base_images = sample_images(base_pipe, prompts, seeds, config)
@@ -126,7 +129,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddpo_fast.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--finetuned", required=True, help="a run directory, or a diffusers UNet directory")
     parser.add_argument("--base", default=None, help="base model (default: the run's model)")
-    parser.add_argument("--reward", default=None, help="reward (default: the run's reward)")
+    parser.add_argument("--reward", default=None, help="reward (default: the run's reward and reward_options)")
+    parser.add_argument("--reward-options", default="", help="options of --reward, key=value,key=value")
     parser.add_argument("--prompts", default=None, help="comma-separated prompts")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--out", default=None, help="output directory (default: FINETUNED/eval)")
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
     prompts = [p.strip() for p in args.prompts.split(",")] if args.prompts else None
     out = Path(args.out or Path(args.finetuned) / "eval")
     try:
-        result = evaluate(Path(args.finetuned), out, args.base, args.reward, prompts, seeds)
+        result = evaluate(Path(args.finetuned), out, args.base, args.reward, prompts, seeds, args.reward_options)
     except ValueError as e:
         print(f"ddpo_fast.evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -200,7 +200,7 @@ def test_jpeg_rewards_through_build():
     assert torch.equal(r, -sizes) and info["jpeg_kb"] == pytest.approx(float(sizes.mean()))
     r, _ = rewards.build("jpeg_incompressibility")(images, [], [])
     assert torch.equal(r, sizes)
-    assert rewards.get_reward_fn("jpeg_compressibility") is rewards.REWARDS["jpeg_compressibility"]
+    assert rewards.build("jpeg_compressibility") is rewards.REWARDS["jpeg_compressibility"]
     with pytest.raises(ValueError, match="unknown reward option 'quality'.*jpeg_compressibility: none"):
         rewards.build("jpeg_compressibility", quality=90)
 

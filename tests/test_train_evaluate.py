@@ -30,3 +30,24 @@ def test_evaluate_same_model_gives_same_rewards(tmp_path):
 def test_evaluate_rejects_other_directories(tmp_path, capsys):
     assert evaluate.main(["--finetuned", str(tmp_path)]) == 2
     assert "--finetuned" in capsys.readouterr().err
+
+
+def test_evaluate_builds_the_reward_with_its_options(tmp_path):
+    """A reward that needs options (aesthetic's model paths) is built with them, not bare."""
+    from ddpo_fast import rewards
+    from ddpo_fast.rewards.jpeg import jpeg_compressibility
+
+    def scaled_options(scale):
+        return {"scale": float(scale)}
+
+    def scaled(scale):
+        return lambda images, prompts, metadata: (scale * jpeg_compressibility(images, prompts, metadata)[0], {})
+
+    rewards.register_builder("test_scaled_jpeg", scaled_options, scaled)
+    unet_dir = tmp_path / "unet"
+    build_tiny_pipeline().unet.save_pretrained(unet_dir)
+    plain = evaluate.evaluate(unet_dir, tmp_path / "a", base="tiny", reward="jpeg_compressibility", prompts=["dog"],
+                              seeds=[3])
+    scaled_result = evaluate.evaluate(unet_dir, tmp_path / "b", base="tiny", reward="test_scaled_jpeg",
+                                      reward_options="scale=2", prompts=["dog"], seeds=[3])
+    assert scaled_result["base"]["mean"] == 2 * plain["base"]["mean"]

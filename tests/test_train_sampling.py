@@ -7,7 +7,7 @@ from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages, globa
 from ddpo_fast.models import build_tiny_pipeline, encode_prompts
 from ddpo_fast.ops import ddim_step_logprob, scheduler_alphas
 from ddpo_fast.prompts import get_prompt_fn
-from ddpo_fast.rewards import RewardPool, get_reward_fn, jpeg_sizes_kb
+from ddpo_fast.rewards import RewardPool, build, jpeg_sizes_kb
 from ddpo_fast.sampling import (Trajectories, choose_train_steps, decode_images, expected_bytes_per_sample,
                                 sample_batch, unet_forward)
 
@@ -88,9 +88,9 @@ def test_jpeg_rewards(pipe):
     images = torch.cat([flat, noisy])
     sizes = jpeg_sizes_kb(images)
     assert sizes[0] < sizes[1]
-    r, info = get_reward_fn("jpeg_compressibility")(images, ["a", "b"], [{}, {}])
+    r, info = build("jpeg_compressibility")(images, ["a", "b"], [{}, {}])
     assert r[0] > r[1] and r.shape == (2,) and "jpeg_kb" in info
-    r, _ = get_reward_fn("jpeg_incompressibility")(images, ["a", "b"], [{}, {}])
+    r, _ = build("jpeg_incompressibility")(images, ["a", "b"], [{}, {}])
     assert r[0] < r[1]
     with pytest.raises(ValueError, match="uint8"):
         jpeg_sizes_kb(images.float())
@@ -100,12 +100,12 @@ def test_reward_pool_and_user_reward(pipe):
     _, final, _, _ = _sample(pipe)
     images = decode_images(pipe.vae, final)
     assert images.dtype == torch.uint8 and images.shape == (3, 3, 64, 64)
-    pool = RewardPool(get_reward_fn("train_helpers:nan_first_reward"), workers=2)
+    pool = RewardPool(build("train_helpers:nan_first_reward"), workers=2)
     rewards, _ = pool.submit(images, ["a", "b", "c"], [{}, {}, {}]).result()
     pool.close()
     assert torch.isnan(rewards[0]) and torch.isfinite(rewards[1:]).all()
     with pytest.raises(ValueError, match="no function"):
-        get_reward_fn("train_helpers:nope")
+        build("train_helpers:nope")
 
 
 def test_prompt_sources(tmp_path):

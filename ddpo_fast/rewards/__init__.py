@@ -33,7 +33,7 @@ from ddpo_fast.prompts import load_function
 from ddpo_fast.rewards import aesthetic as _aesthetic
 from ddpo_fast.rewards.jpeg import JPEG_QUALITY, jpeg_compressibility, jpeg_incompressibility, jpeg_sizes_kb
 
-__all__ = ["JPEG_QUALITY", "REWARDS", "RewardPool", "build", "check", "get_reward_fn", "jpeg_compressibility",
+__all__ = ["JPEG_QUALITY", "REWARDS", "RewardPool", "build", "check", "jpeg_compressibility",
            "jpeg_incompressibility", "jpeg_sizes_kb", "parse_options", "register_builder", "register_reward"]
 
 RewardFn = Callable[[torch.Tensor, list, list], tuple]
@@ -166,11 +166,6 @@ def build(spec: str, **options) -> RewardFn:
         _, _, builder, converted = plan[0]
         return builder.make(**converted)
     return WeightedSum([(name, weight, builder.make(**converted)) for name, weight, builder, converted in plan])
-
-
-def get_reward_fn(spec: str, **options) -> RewardFn:
-    """The trainer's name for `build`."""
-    return build(spec, **options)
 
 
 # ---- calling rewards ------------------------------------------------------------------------------
