@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_suite.sh                      # every step
 #   bash benchmarks/gpu_suite.sh build test           # some steps: env build test sanitize bench kernelbw
+#   bash benchmarks/gpu_suite.sh env rewards          # the paper-size reward benchmark (not a default step)
 #
 # Everything may not fit in one 10-minute device call: then split it, e.g. `env build test` and
 # `build sanitize bench kernelbw` (the build is incremental while the machine stays warm).
@@ -16,7 +17,7 @@
 # tool allows 600 s per command), DDPO_FAST_CUDA_ARCHS (default 90), PYTEST_ARGS (default "tests").
 # Wheels in .whl/ (made by ../shared/device/prepare-wheels.sh) are installed into /tmp/site first.
 # Files under $OUT (8 at most, for the device tool): build.log test.log sanitize.log bench.log
-# kernelbw.log bench_ops.csv kernelbw.csv summary.txt.
+# kernelbw.log bench_ops.csv kernelbw.csv summary.txt (rewards.log with the rewards step).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-/tmp/ddpo_gpu_suite}"
@@ -184,6 +185,16 @@ step_bench() {
   t 400 "$PY" benchmarks/ops.py --device cuda --csv "$OUT/bench_ops.csv"
   local rc=$?
   note "benchmarks/ops.py --device cuda (rc=$rc) -> bench_ops.csv"
+  return $rc
+}
+
+# Not in the default steps (it needs most of a 10-minute call alone): the rewards at the paper's sizes
+# (CLIP ViT-L/14 + LAION MLP, LLaVA-1.5-7B + RoBERTa-large, random weights built on the GPU, bf16).
+step_rewards() {
+  STEP_START=$(date +%s)
+  t 560 "$PY" benchmarks/rewards.py --full-size --device cuda:0 --size 512 --batch 8 --csv /tmp/ddpo_rewards_gpu.csv
+  local rc=$?
+  note "benchmarks/rewards.py --full-size (rc=$rc): table in rewards.log"
   return $rc
 }
 
@@ -384,6 +395,7 @@ for step in "${STEPS[@]}"; do
     sanitize) run_step sanitize "$OUT/sanitize.log" step_sanitize ;;
     bench) run_step bench "$OUT/bench.log" step_bench ;;
     kernelbw) run_step kernelbw "$OUT/kernelbw.log" step_kernelbw ;;
+    rewards) run_step rewards "$OUT/rewards.log" step_rewards ;;
     *) echo "unknown step '$step' (steps: ${ALL_STEPS[*]})"; R_NAME+=("$step"); R_STATUS+=("FAIL"); R_SECS+=(0)
        R_NOTE+=("unknown step") ;;
   esac

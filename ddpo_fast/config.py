@@ -76,6 +76,9 @@ class Config:
     model: str = "tiny"  # "tiny", "sd15-random", a diffusers pipeline directory, or a hub id
     reward: str = "jpeg_compressibility"  # registered name, module:function or NAME:WEIGHT,... (ddpo_fast.rewards)
     reward_options: str = ""  # key=value,key=value passed to the reward, e.g. clip_model=DIR,mlp_weights=FILE
+    reward_device: str = ""  # device of the reward models (their `device` option), e.g. cuda:1; "": the reward's default
+    reward_server: str = ""  # "": in the trainer; auto: a reward server process started by rank 0; or http://HOST:PORT
+    reward_timeout: float = 600.0  # seconds a reward server request may take before it is retried (then an error)
     prompts: str = "simple_animals"  # registered set, file:PATH, or module:function
     seed: int = 0
     num_epochs: int = 100
@@ -323,6 +326,10 @@ def validate(config: Config, world_size: int = 1) -> Config:
     _check(config.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {config.zero_stage}")
     _check(config.engine in ENGINES, f"engine must be one of {ENGINES}, got {config.engine!r}")
     _check(config.reward_workers >= 1, f"reward_workers must be >= 1, got {config.reward_workers}")
+    _check(config.reward_server in ("", "auto") or config.reward_server.startswith(("http://", "https://")),
+           f"reward_server must be '' (in the trainer), auto or an http://HOST:PORT URL, got {config.reward_server!r}")
+    _check(config.reward_timeout > 0 and math.isfinite(config.reward_timeout),
+           f"reward_timeout must be > 0 seconds, got {config.reward_timeout}")
     _check(s.num_steps >= 1, f"sample.num_steps must be >= 1, got {s.num_steps}")
     _check(s.eta > 0 and math.isfinite(s.eta),
            f"sample.eta must be > 0 (eta = 0 is a deterministic sampler with no log-probability), got {s.eta}")

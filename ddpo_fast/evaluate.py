@@ -99,9 +99,13 @@ def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | 
     seeds = seeds or [0, 1]
     tuned_pipe, run_config = load_finetuned(Path(finetuned), base)
     config = run_config or cfg.from_preset()
-    # The run's reward with the run's options (e.g. aesthetic's model paths), unless one is given.
-    spec, options = (reward, reward_options) if reward else (config.reward, config.reward_options)
-    reward_fn = build_reward(spec, **parse_options(options))
+    # The run's reward with the run's options (e.g. aesthetic's model paths) and reward_device, unless one is given.
+    if reward:
+        reward_fn = build_reward(reward, **parse_options(reward_options))
+    else:
+        from ddpo_fast.train import reward_options as run_reward_options
+
+        reward_fn = build_reward(config.reward, **run_reward_options(config))
     base_pipe = load_pipeline(base or config.model)
     with torch.no_grad():
         base_images = sample_images(base_pipe, prompts, seeds, config)

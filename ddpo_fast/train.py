@@ -40,6 +40,7 @@ from ddpo_fast.prompts import get_prompt_fn
 from ddpo_fast.rewards import RewardPool, parse_options
 from ddpo_fast.rewards import build as build_reward
 from ddpo_fast.rewards import check as check_reward
+from ddpo_fast.rewards.client import RewardServerError
 from ddpo_fast.sampling import DTYPES, Trajectories, autocast, decode_images, derive_seed, sample_batch, unet_forward
 
 CHECKPOINT_PREFIX = "epoch-"
@@ -275,6 +276,14 @@ def save_grid(path: Path, images: torch.Tensor, prompts: list[str], rewards: np.
     grid.save(path)
 
 
+def save_samples(path: Path, samples: list[dict]) -> None:
+    """One JSON line per sample of rank 0 (the grid shows the first ones): prompt, reward and the
+    reward's per-image info, e.g. the VLM's answer of llava_bertscore."""
+    with open(path, "w") as f:
+        for sample in samples:
+            f.write(json.dumps(sample, default=str) + "\n")
+
+
 def plot_rewards(path: Path, metrics: list[dict]) -> None:
     import matplotlib
 
@@ -392,12 +401,17 @@ class Trainer:
         results = [f.result() for f in futures]
         reward_wait = time.perf_counter() - wait_start
         rewards = torch.cat([r for r, _ in results])
-        info: dict[str, float] = {}
-        for _, batch_info in results:
+        info: dict[str, float] = {}  # batch-level numbers, averaged over the batches
+        per_image: dict[str, list] = {}  # per-image lists (e.g. a VLM's answers), concatenated
+        for batch_rewards, batch_info in results:
             for k, v in batch_info.items():
                 if isinstance(v, (int, float)):
                     info[k] = info.get(k, 0.0) + float(v) / len(results)
-        return Trajectories.cat(parts), prompts, rewards, info, images_kept, reward_wait
+                elif isinstance(v, list) and len(v) == len(batch_rewards):
+                    per_image.setdefault(k, []).extend(v)
+        samples = [{"prompt": p, "reward": float(r), **{k: v[i] for k, v in per_image.items()}}
+                   for i, (p, r) in enumerate(zip(prompts, rewards.tolist()))]
+        return Trajectories.cat(parts), prompts, rewards, info, images_kept, reward_wait, samples
 
     # 3. the policy update -----------------------------------------------------------------------
     def loss_fn(self, out, x, x_next, alpha_t, alpha_prev, old_log_prob, advantages, weights):
@@ -474,7 +488,7 @@ class Trainer:
         start = time.perf_counter()
         with tqdm(total=c.sample.num_batches_per_epoch * c.sample.num_steps, desc=f"epoch {epoch} sampling",
                   disable=not show, leave=False) as bar, self.gathered_for_sampling():
-            traj, prompts, rewards, info, images, reward_wait = self.sample_epoch(epoch, bar)
+            traj, prompts, rewards, info, images, reward_wait, samples = self.sample_epoch(epoch, bar)
         sample_seconds = time.perf_counter() - start
 
         # 2. advantages over the rewards of all ranks; non-finite rewards are dropped (advantage 0)
@@ -511,6 +525,7 @@ class Trainer:
             **{f"reward_info/{k}": v for k, v in info.items()},
         }
         record["_grid"] = (images, prompts[:len(images)], rewards[:len(images)].numpy())
+        record["_samples"] = samples  # this rank's prompts, rewards and per-image reward info
         return record
 
     def rwr_weights(self, all_advantages: np.ndarray, valid: np.ndarray) -> torch.Tensor:
@@ -555,11 +570,65 @@ def resolve_config(args, world_size: int) -> tuple[cfg.Config, Path]:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise cfg.ConfigError("mixed_precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
     try:
-        check_reward(config.reward, **parse_options(config.reward_options))
+        if not config.reward_server.startswith("http"):  # a running server was started with its own options
+            check_reward(config.reward, **reward_options(config))
         get_prompt_fn(config.prompts)
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from None
     return config, run_dir
+
+
+def reward_options(config: cfg.Config) -> dict[str, str]:
+    """reward_options with reward_device as the reward's device option."""
+    options = parse_options(config.reward_options)
+    if config.reward_device:
+        if "device" in options:
+            raise ValueError(f"reward_device={config.reward_device!r} and reward_options device={options['device']!r} "
+                             "are both given; give one")
+        options["device"] = config.reward_device
+    return options
+
+
+def broadcast_from_rank0(value):
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def make_reward(config: cfg.Config, run_dir: Path):
+    """(reward function, reward server process or None) as config.reward_server says: in this process,
+    a server started by rank 0 (auto; every rank sends it requests), or a running server at a URL."""
+    from ddpo_fast.rewards.client import RemoteReward, health, start_server
+
+    if not config.reward_server:
+        return build_reward(config.reward, **reward_options(config)), None
+    rank = world()[0]
+    server, url, error = None, config.reward_server, None
+    if config.reward_server == "auto":
+        if rank == 0:
+            log(f"starting the reward server (log: {run_dir / 'reward_server.log'})")
+            try:
+                server = start_server(config.reward, reward_options(config), log_path=run_dir / "reward_server.log")
+                url = server.url
+            except RewardServerError as e:
+                error = str(e)
+        url, error = broadcast_from_rank0((url, error))
+    elif rank == 0:
+        try:
+            served = health(url).get("reward")
+            if served != config.reward:
+                error = f"reward_server={url} serves reward {served!r}, but reward={config.reward!r}"
+        except RewardServerError as e:
+            error = f"reward_server={url}: {e}"
+        error = broadcast_from_rank0(error)
+    else:
+        error = broadcast_from_rank0(None)
+    if error:
+        raise RewardServerError(error)
+    log(f"reward {config.reward} served at {url}")
+    return RemoteReward(url, config.reward, timeout=config.reward_timeout), server
 
 
 def describe(config: cfg.Config, world_size: int, engine_name: str) -> str:
@@ -608,6 +677,16 @@ def main(argv=None) -> Path:
         (run_dir / "config.json").write_text(config.to_json())
     log(describe(config, world_size, engine_name))
 
+    with contextlib.ExitStack() as stack:
+        reward_fn, server = make_reward(config, run_dir)  # first: a reward that cannot start fails fast
+        if server is not None:
+            stack.callback(server.close)
+        return _train(config, run_dir, engine_name, device, start_epoch, checkpoint, reward_fn)
+
+
+def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.device, start_epoch: int,
+           checkpoint: Path | None, reward_fn) -> Path:
+    rank, _, world_size = world()
     from ddpo_fast.models import load_pipeline
 
     torch.manual_seed(config.seed)
@@ -617,7 +696,6 @@ def main(argv=None) -> Path:
     pipe.unet.to(device)
     unet, params = prepare_unet(pipe, config)
     engine = (DeepSpeedEngine if engine_name == "deepspeed" else TorchEngine)(unet, params, config)
-    reward_fn = build_reward(config.reward, **parse_options(config.reward_options))
     pool = RewardPool(reward_fn, workers=config.reward_workers)
     trainer = Trainer(config, run_dir, pipe, engine, device, get_prompt_fn(config.prompts), pool)
     if checkpoint is not None:
@@ -634,6 +712,7 @@ def main(argv=None) -> Path:
         for epoch in range(start_epoch, config.num_epochs):
             record = trainer.run_epoch(epoch)
             images, grid_prompts, grid_rewards = record.pop("_grid")
+            samples = record.pop("_samples")
             last = epoch == config.num_epochs - 1
             if rank == 0:
                 logger.log(record)
@@ -642,6 +721,7 @@ def main(argv=None) -> Path:
                       f"{record['samples_per_s']:.2f} samples/s", flush=True)
                 if epoch % config.save_freq == 0 or last:
                     save_grid(run_dir / "samples" / f"epoch_{epoch:04d}.png", images, grid_prompts, grid_rewards)
+                    save_samples(run_dir / "samples" / f"epoch_{epoch:04d}.jsonl", samples)
             if (epoch + 1) % config.checkpoint_freq == 0 or last:
                 state = {"epoch": epoch, "tracker": trainer.tracker.state_dict() if trainer.tracker else None,
                          "dropped_samples": trainer.dropped_samples}
@@ -687,6 +767,9 @@ def cli(argv=None) -> int:
     except cfg.ConfigError as e:
         print(f"ddpo_fast.train: error: {e}", file=sys.stderr)
         return 2
+    except RewardServerError as e:  # the checkpoints written so far stay; --resume continues the run
+        print(f"ddpo_fast.train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

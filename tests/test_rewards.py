@@ -9,6 +9,7 @@ from transformers import CLIPConfig, CLIPModel
 import ddpo_fast.train as train
 from ddpo_fast import config as cfg
 from ddpo_fast import rewards
+from ddpo_fast.rewards import random_models
 from ddpo_fast.rewards.aesthetic import CLIP_MEAN, CLIP_STD, AestheticMLP, load_mlp, preprocess
 from train_helpers import TINY, metrics
 
@@ -118,13 +119,13 @@ def test_preprocess_resizes_shortest_side_crops_centre_and_normalises():
 
 
 # ---- the aesthetic reward --------------------------------------------------------------------
-def _plain_scores(clip_dir, mlp_file, images):
+def _plain_scores(clip_dir, mlp_file, images, mean=CLIP_MEAN, std=CLIP_STD):
     """The predictor recomputed in plain PyTorch: CLIP embedding -> L2 normalise -> the MLP's linear layers."""
     from safetensors.torch import load_file
 
     clip = CLIPModel.from_pretrained(clip_dir).eval()
     with torch.no_grad():
-        pooled = clip.vision_model(pixel_values=preprocess(images, IMAGE_SIZE)).pooler_output
+        pooled = clip.vision_model(pixel_values=preprocess(images, IMAGE_SIZE, mean, std)).pooler_output
         e = clip.visual_projection(pooled)
         e = e / e.norm(dim=-1, keepdim=True)
         w = load_file(str(mlp_file))
@@ -145,6 +146,18 @@ def test_aesthetic_equals_plain_pytorch_and_is_deterministic(clip_dir, mlp_file)
     assert torch.equal(scores, again)
     other = rewards.build("aesthetic", clip_model=str(clip_dir), mlp_weights=str(mlp_file), batch_size=5)
     assert torch.allclose(other(images, [], [])[0], scores, atol=1e-6)  # batching does not change the scores
+
+
+def test_aesthetic_normalises_with_the_models_preprocessor_config(tmp_path, mlp_file):
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    clip = random_models.save_clip(tmp_path / "clip", mean=mean, std=std)  # with a preprocessor_config.json
+    assert random_models.TINY_VISION["image_size"] == IMAGE_SIZE and random_models.TINY_VISION["projection_dim"] == PROJECTION
+    fn = rewards.build("aesthetic", clip_model=str(clip), mlp_weights=str(mlp_file))
+    assert fn.mean == mean and fn.std == std and fn.image_size == IMAGE_SIZE
+    images = _images()
+    scores = fn(images, [], [])[0]
+    assert torch.allclose(scores, _plain_scores(clip, mlp_file, images, mean, std), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(scores, _plain_scores(clip, mlp_file, images), atol=1e-3)  # the config mattered
 
 
 def test_aesthetic_bf16_is_close_to_fp32(clip_dir, mlp_file):

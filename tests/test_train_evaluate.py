@@ -51,3 +51,28 @@ def test_evaluate_builds_the_reward_with_its_options(tmp_path):
     scaled_result = evaluate.evaluate(unet_dir, tmp_path / "b", base="tiny", reward="test_scaled_jpeg",
                                       reward_options="scale=2", prompts=["dog"], seeds=[3])
     assert scaled_result["base"]["mean"] == 2 * plain["base"]["mean"]
+
+
+def test_evaluate_uses_the_runs_reward_device(tmp_path):
+    """A run's reward_device reaches the reward (as its device option) when evaluate rebuilds it."""
+    from ddpo_fast import config as cfg
+    from ddpo_fast import rewards
+    from ddpo_fast.rewards.jpeg import jpeg_compressibility
+
+    devices = []
+
+    def device_options(device=None):
+        return {"device": device}
+
+    def make(device):
+        devices.append(device)
+        return jpeg_compressibility
+
+    rewards.register_builder("test_device_jpeg", device_options, make)
+    run = tmp_path / "run"
+    build_tiny_pipeline().unet.save_pretrained(run / "unet")
+    config = cfg.from_preset(cfg.DEFAULT_PRESET, ["reward=test_device_jpeg", "reward_device=cpu"])
+    (run / "config.json").write_text(config.to_json())
+    (run / "metrics.jsonl").write_text("")  # a run directory
+    evaluate.evaluate(run, tmp_path / "out", base="tiny", prompts=["dog"], seeds=[3])
+    assert devices == ["cpu"]

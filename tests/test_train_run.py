@@ -43,7 +43,12 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
         assert all(torch.isfinite(torch.tensor(r[k])) for k in DETERMINISTIC)
     assert records[0]["buffer_bytes_per_sample"] == 2 * (2 * 256 * 4 + 4 + 8) + 16 * 32 * 4
     assert (run / "reward_curve.png").stat().st_size > 0
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "epoch_0000.jsonl", "epoch_0000.png", "epoch_0001.jsonl", "epoch_0001.png"]
+    for epoch, record in enumerate(records):  # every sample of the epoch: its prompt and reward
+        samples = [json.loads(line) for line in (run / "samples" / f"epoch_{epoch:04d}.jsonl").read_text().splitlines()]
+        assert len(samples) == 8 and all(set(s) == {"prompt", "reward"} and s["prompt"] for s in samples)
+        assert sum(s["reward"] for s in samples) / 8 == pytest.approx(record["reward_mean"], abs=1e-6)
     assert list((run / "tensorboard").iterdir())
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch-1"]  # rotation kept 1
     # The final UNet loads with diffusers, equals the last checkpoint, and differs from the start.

@@ -7,10 +7,12 @@ background pool that computes them while the next batch samples.
 
 A reward function takes (images, prompts, metadata): images a uint8 tensor (N, 3, H, W) on any
 device, prompts a list of N strings, metadata a list of N dicts; it returns (rewards, info) with
-rewards a float tensor of shape (N,) and info a dict (logged when its values are numbers).
+rewards a float tensor of shape (N,) and info a dict. An info value that is a list of N items is
+per image (e.g. the VLM's answers: saved beside the sample grids, split per request by the reward
+server); any other value is about the batch, and is logged when it is a number.
 
 The reward spec given to `build` (the trainer's `reward=`) is one of:
-  - a registered name: jpeg_compressibility, jpeg_incompressibility, aesthetic;
+  - a registered name: jpeg_compressibility, jpeg_incompressibility, aesthetic, llava_bertscore;
   - module:function, a user reward function (it takes no options);
   - a weighted sum `NAME:WEIGHT,NAME:WEIGHT,...` (a missing weight is 1), e.g.
     `aesthetic:1.0,jpeg_compressibility:0.1`; each component's mean reward is logged in info under
@@ -31,6 +33,7 @@ import torch
 
 from ddpo_fast.prompts import load_function
 from ddpo_fast.rewards import aesthetic as _aesthetic
+from ddpo_fast.rewards import alignment as _alignment
 from ddpo_fast.rewards.jpeg import JPEG_QUALITY, jpeg_compressibility, jpeg_incompressibility, jpeg_sizes_kb
 
 __all__ = ["JPEG_QUALITY", "REWARDS", "RewardPool", "build", "check", "jpeg_compressibility",
@@ -71,6 +74,7 @@ def register_builder(name: str, options: Callable[..., dict], make: Callable[...
 register_reward("jpeg_compressibility")(jpeg_compressibility)
 register_reward("jpeg_incompressibility")(jpeg_incompressibility)
 register_builder("aesthetic", _aesthetic.aesthetic_options, _aesthetic.AestheticReward)
+register_builder("llava_bertscore", _alignment.llava_bertscore_options, _alignment.LlavaBertScoreReward)
 
 
 # ---- specs and options -------------------------------------------------------------------------

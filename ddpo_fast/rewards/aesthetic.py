@@ -11,8 +11,9 @@ so its published state dict (keys `layers.0.weight`, `layers.0.bias`, `layers.2.
 as is, from `.safetensors` or `.pth`/`.pt` (torch.load with weights_only=True). Its input width is
 read from the weights and must equal the CLIP model's projection_dim.
 
-Preprocessing runs on tensors on the reward device, in fp32: resize the shortest side to the CLIP
-image size (bicubic, antialiased), centre crop, scale to [0, 1], CLIP mean/std normalisation; the
+Preprocessing runs on tensors on the reward device, in fp32: resize the shortest side to the crop
+size (bicubic, antialiased), centre crop, scale to [0, 1], mean/std normalisation, with the crop size,
+mean and std of the model's preprocessor_config.json (CLIP's standard values without one); the
 CLIP model then runs in `dtype` (fp32 or bf16) and the MLP in fp32.
 
 Options: clip_model (local directory or hub id, required), mlp_weights (file, required),
@@ -27,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# CLIP's image normalisation (the values of OpenAI's CLIP preprocessing, for every CLIP model).
+from ddpo_fast.rewards import options as opt
+
+# CLIP's image normalisation (OpenAI's values), used when the model directory has no preprocessor config.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
@@ -78,12 +80,7 @@ def load_mlp(path: str | Path) -> AestheticMLP:
 
 def aesthetic_options(clip_model=None, mlp_weights=None, device=None, dtype="fp32", batch_size=32) -> dict:
     """Validates and converts the options of the aesthetic reward (strings accepted); builds nothing."""
-    if not clip_model or not str(clip_model).strip():
-        raise ValueError("aesthetic reward: option clip_model is required (a CLIP model directory or hub id, "
-                         "e.g. openai/clip-vit-large-patch14)")
-    clip_model = str(clip_model).strip()
-    if (clip_model.startswith((".", "/", "~")) or Path(clip_model).is_absolute()) and not Path(clip_model).expanduser().is_dir():
-        raise ValueError(f"aesthetic reward: clip_model={clip_model!r} is not a directory")
+    clip_model = opt.model_path("aesthetic", "clip_model", clip_model, "openai/clip-vit-large-patch14")
     if not mlp_weights:
         raise ValueError("aesthetic reward: option mlp_weights is required (the LAION aesthetic MLP weights, "
                          f"{' or '.join(WEIGHT_SUFFIXES)}); there is no random-weight default")
@@ -92,29 +89,26 @@ def aesthetic_options(clip_model=None, mlp_weights=None, device=None, dtype="fp3
         raise ValueError(f"aesthetic reward: mlp_weights={str(mlp_weights)!r} must end in {', '.join(WEIGHT_SUFFIXES)}")
     if not weights.is_file():
         raise ValueError(f"aesthetic reward: mlp_weights={str(mlp_weights)!r}: no such file")
-    if device is None or device == "":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"aesthetic reward: device={device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"aesthetic reward: device={str(device)!r} but no CUDA GPU is available")
-    if dtype in DTYPES.values():
-        dtype = next(name for name, value in DTYPES.items() if value == dtype)
-    if dtype not in DTYPES:
-        raise ValueError(f"aesthetic reward: dtype must be fp32 or bf16, got {dtype!r}")
-    try:
-        batch_size = int(batch_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"aesthetic reward: batch_size must be an integer, got {batch_size!r}") from None
-    if batch_size < 1:
-        raise ValueError(f"aesthetic reward: batch_size must be >= 1, got {batch_size}")
-    return {"clip_model": clip_model, "mlp_weights": str(weights), "device": device, "dtype": DTYPES[dtype],
-            "batch_size": batch_size}
+    return {"clip_model": clip_model, "mlp_weights": str(weights), "device": opt.device("aesthetic", device),
+            "dtype": opt.dtype("aesthetic", dtype, ("fp32", "bf16")),
+            "batch_size": opt.integer("aesthetic", "batch_size", batch_size)}
 
 
-def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+def clip_preprocessing(clip_model: str, image_size: int) -> tuple[int, tuple, tuple]:
+    """(crop size, mean, std) from the model's preprocessor_config.json; CLIP's standard values when
+    the directory has none."""
+    from transformers import ImageProcessingMixin
+
+    try:
+        config, _ = ImageProcessingMixin.get_image_processor_dict(clip_model)
+    except OSError:
+        return image_size, CLIP_MEAN, CLIP_STD
+    crop = config.get("crop_size", image_size)
+    size = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
+    return size, tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
+
+
+def preprocess(images: torch.Tensor, size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> CLIP pixel values fp32 (N, 3, size, size), on the images' device."""
     x = images.float() / 255.0
     h, w = x.shape[-2:]
@@ -124,8 +118,8 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = x[..., top:top + size, left:left + size]
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -146,7 +140,7 @@ class AestheticReward:
                              "(the LAION predictor needs CLIP ViT-L/14, 768)")
         self.clip = CLIPModel.from_pretrained(clip_model).to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.mlp = mlp.to(device)
-        self.image_size = config.vision_config.image_size
+        self.image_size, self.mean, self.std = clip_preprocessing(clip_model, config.vision_config.image_size)
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -161,7 +155,7 @@ class AestheticReward:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         scores = []
         for chunk in images.split(self.batch_size):
-            pixels = preprocess(chunk.to(self.device), self.image_size)
+            pixels = preprocess(chunk.to(self.device), self.image_size, self.mean, self.std)
             scores.append(self.mlp(self.embed(pixels)).squeeze(-1))
         scores = torch.cat(scores).float().cpu()
         return scores, {"aesthetic_mean": float(scores.mean())}

@@ -1,0 +1,69 @@
+"""Converters for reward options: values come as strings from the command line (the trainer's
+reward_options) or as Python values from code; each error names the reward and the option."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def model_path(reward: str, option: str, value, example: str) -> str:
+    """A model directory or hub id; a value that looks like a path must be an existing directory."""
+    if value is None or not str(value).strip():
+        raise ValueError(f"{reward} reward: option {option} is required (a model directory or hub id, e.g. {example})")
+    value = str(value).strip()
+    if (value.startswith((".", "/", "~")) or Path(value).is_absolute()) and not Path(value).expanduser().is_dir():
+        raise ValueError(f"{reward} reward: {option}={value!r} is not a directory")
+    return str(Path(value).expanduser()) if value.startswith("~") else value
+
+
+def device(reward: str, value) -> torch.device:
+    """A torch device; None or '' means cuda when a GPU is visible, else cpu."""
+    if value is None or value == "":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        result = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{reward} reward: device={value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if result.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{reward} reward: device={str(result)!r} but no CUDA GPU is available")
+    return result
+
+
+def dtype(reward: str, value, allowed: tuple[str, ...]) -> torch.dtype:
+    """A dtype by name (fp32, bf16, fp16) or a torch.dtype, one of `allowed`."""
+    if isinstance(value, torch.dtype):
+        value = next((name for name, d in DTYPES.items() if d == value), str(value))
+    if value not in allowed:
+        raise ValueError(f"{reward} reward: dtype must be {' or '.join(allowed)}, got {value!r}")
+    return DTYPES[value]
+
+
+def integer(reward: str, option: str, value, minimum: int = 1) -> int:
+    try:
+        result = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{reward} reward: {option} must be an integer, got {value!r}") from None
+    if result < minimum:
+        raise ValueError(f"{reward} reward: {option} must be >= {minimum}, got {result}")
+    return result
+
+
+def number(reward: str, option: str, value, minimum: float = 0.0) -> float:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{reward} reward: {option} must be a number, got {value!r}") from None
+    if not result > minimum:
+        raise ValueError(f"{reward} reward: {option} must be > {minimum:g}, got {value!r}")
+    return result
+
+
+def choice(reward: str, option: str, value, choices: tuple[str, ...]) -> str:
+    value = str(value).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{reward} reward: {option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
