@@ -108,7 +108,7 @@ def main() -> int:
         reward_options = dict(options.get(name, {}))
         if name != "jpeg_compressibility":
             reward_options["device"] = args.device
-            if args.full_size:
+            if args.full_size and on_gpu:
                 reward_options["dtype"] = "bf16"
         fn = rewards.build(name, **reward_options)
         local = args.batch / timed_calls(fn, images, prompts, args.calls)

@@ -310,6 +310,16 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_server_url(value: str) -> bool:
+    from ddpo_fast.rewards.client import _address
+
+    try:
+        _address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def validate(config: Config, world_size: int = 1) -> Config:
     """Checks every value and the batch-size arithmetic; raises ConfigError naming the key."""
     s, t, st = config.sample, config.train, config.per_prompt_stat_tracking
@@ -326,8 +336,11 @@ def validate(config: Config, world_size: int = 1) -> Config:
     _check(config.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {config.zero_stage}")
     _check(config.engine in ENGINES, f"engine must be one of {ENGINES}, got {config.engine!r}")
     _check(config.reward_workers >= 1, f"reward_workers must be >= 1, got {config.reward_workers}")
-    _check(config.reward_server in ("", "auto") or config.reward_server.startswith(("http://", "https://")),
+    _check(config.reward_server in ("", "auto") or _is_server_url(config.reward_server),
            f"reward_server must be '' (in the trainer), auto or an http://HOST:PORT URL, got {config.reward_server!r}")
+    _check(not (_is_server_url(config.reward_server) and (config.reward_options or config.reward_device)),
+           f"reward_server={config.reward_server} is a running server, started with its own options: "
+           "reward_options and reward_device are not used with it; leave them empty")
     _check(config.reward_timeout > 0 and math.isfinite(config.reward_timeout),
            f"reward_timeout must be > 0 seconds, got {config.reward_timeout}")
     _check(s.num_steps >= 1, f"sample.num_steps must be >= 1, got {s.num_steps}")

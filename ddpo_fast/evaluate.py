@@ -102,6 +102,10 @@ def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | 
     # The run's reward with the run's options (e.g. aesthetic's model paths) and reward_device, unless one is given.
     if reward:
         reward_fn = build_reward(reward, **parse_options(reward_options))
+    elif config.reward_server not in ("", "auto"):  # the run's reward server, if it still runs
+        from ddpo_fast.rewards.client import RemoteReward
+
+        reward_fn = RemoteReward(config.reward_server, config.reward, timeout=config.reward_timeout)
     else:
         from ddpo_fast.train import reward_options as run_reward_options
 

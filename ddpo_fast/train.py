@@ -402,15 +402,14 @@ class Trainer:
         reward_wait = time.perf_counter() - wait_start
         rewards = torch.cat([r for r, _ in results])
         info: dict[str, float] = {}  # batch-level numbers, averaged over the batches
-        per_image: dict[str, list] = {}  # per-image lists (e.g. a VLM's answers), concatenated
+        samples = []  # per sample: prompt, reward and the per-image info lists' entries (e.g. a VLM's answer)
         for batch_rewards, batch_info in results:
+            per_image = {k: v for k, v in batch_info.items() if isinstance(v, list) and len(v) == len(batch_rewards)}
+            for i, r in enumerate(batch_rewards.tolist()):
+                samples.append({"prompt": prompts[len(samples)], "reward": r, **{k: v[i] for k, v in per_image.items()}})
             for k, v in batch_info.items():
                 if isinstance(v, (int, float)):
                     info[k] = info.get(k, 0.0) + float(v) / len(results)
-                elif isinstance(v, list) and len(v) == len(batch_rewards):
-                    per_image.setdefault(k, []).extend(v)
-        samples = [{"prompt": p, "reward": float(r), **{k: v[i] for k, v in per_image.items()}}
-                   for i, (p, r) in enumerate(zip(prompts, rewards.tolist()))]
         return Trajectories.cat(parts), prompts, rewards, info, images_kept, reward_wait, samples
 
     # 3. the policy update -----------------------------------------------------------------------
@@ -570,7 +569,7 @@ def resolve_config(args, world_size: int) -> tuple[cfg.Config, Path]:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise cfg.ConfigError("mixed_precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
     try:
-        if not config.reward_server.startswith("http"):  # a running server was started with its own options
+        if config.reward_server in ("", "auto"):  # a running server was started with its own options
             check_reward(config.reward, **reward_options(config))
         get_prompt_fn(config.prompts)
     except ValueError as e:
@@ -597,35 +596,44 @@ def broadcast_from_rank0(value):
     return box[0]
 
 
+def first_error_of_all_ranks(error: str | None) -> str | None:
+    """The first rank's error, on every rank: all ranks stop together rather than some waiting forever."""
+    if not is_distributed():
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
 def make_reward(config: cfg.Config, run_dir: Path):
     """(reward function, reward server process or None) as config.reward_server says: in this process,
-    a server started by rank 0 (auto; every rank sends it requests), or a running server at a URL."""
+    a server started by rank 0 (auto; every rank sends it requests), or a running server at a URL.
+    Every rank checks that it reaches the server before any model loads."""
     from ddpo_fast.rewards.client import RemoteReward, health, start_server
 
     if not config.reward_server:
         return build_reward(config.reward, **reward_options(config)), None
-    rank = world()[0]
     server, url, error = None, config.reward_server, None
     if config.reward_server == "auto":
-        if rank == 0:
+        if world()[0] == 0:
             log(f"starting the reward server (log: {run_dir / 'reward_server.log'})")
             try:
                 server = start_server(config.reward, reward_options(config), log_path=run_dir / "reward_server.log")
                 url = server.url
-            except RewardServerError as e:
-                error = str(e)
-        url, error = broadcast_from_rank0((url, error))
-    elif rank == 0:
+            except Exception as e:  # noqa: BLE001 - every rank must learn of it (below)
+                error = f"reward_server=auto: {e}"
+        url = broadcast_from_rank0(url)
+    if error is None:
         try:
             served = health(url).get("reward")
             if served != config.reward:
                 error = f"reward_server={url} serves reward {served!r}, but reward={config.reward!r}"
-        except RewardServerError as e:
-            error = f"reward_server={url}: {e}"
-        error = broadcast_from_rank0(error)
-    else:
-        error = broadcast_from_rank0(None)
+        except Exception as e:  # noqa: BLE001 - e.g. auto's 127.0.0.1 seen from another machine
+            error = f"reward_server={url} (rank {world()[0]}): {e}"
+    error = first_error_of_all_ranks(error)
     if error:
+        if server is not None:
+            server.close()
         raise RewardServerError(error)
     log(f"reward {config.reward} served at {url}")
     return RemoteReward(url, config.reward, timeout=config.reward_timeout), server

@@ -100,7 +100,7 @@ def test_answers_and_scores_equal_plain_recomputation(models):
     assert torch.allclose(scores, r, atol=1e-5)  # recall by default
     assert info["bertscore_precision"] == pytest.approx(float(p.mean()), abs=1e-5)
     assert info["bertscore_f1"] == pytest.approx(float(f.mean()), abs=1e-5)
-    assert info["empty_answers"] == 0
+    assert info["empty_answer_fraction"] == 0
     again, info_again = fn(images, PROMPTS, [{}] * 5)  # deterministic
     assert torch.equal(scores, again) and info_again["answers"] == answers
     for score, expected in (("precision", p), ("f1", f)):
@@ -116,7 +116,7 @@ def test_bertscore_ranks_a_matching_answer_first(models):
 
 def test_empty_answers_are_counted_and_score_zero(models):
     scores, info = _build(models, vlm="empty")(_images(3), PROMPTS[:3], [{}] * 3)
-    assert info["answers"] == ["", "", ""] and info["empty_answers"] == 3
+    assert info["answers"] == ["", "", ""] and info["empty_answer_fraction"] == 1
     assert torch.equal(scores, torch.zeros(3))
     fn = _build(models)
     mixed = fn.bertscore(["a cat", "", "  "], PROMPTS[:3])  # a blank answer is empty too
@@ -228,7 +228,7 @@ def test_vlm_endpoint_sends_each_image_and_scores_the_answers(models, monkeypatc
     finally:
         server.close()
     assert info["answers"] == ["a cat riding a bike", "", "a cat riding a bike", "a cat riding a bike"]
-    assert info["empty_answers"] == 1 and scores[1] == 0
+    assert info["empty_answer_fraction"] == 0.25 and scores[1] == 0
     _, expected, _ = _plain_bertscore(models["bert"], ["a cat riding a bike"] * 3, [PROMPTS[i] for i in (0, 2, 3)])
     assert torch.allclose(scores[[0, 2, 3]], expected, atol=1e-5)
     assert len(server.requests) == 4
@@ -271,7 +271,7 @@ def test_trainer_runs_with_llava_bertscore_and_saves_the_answers(tmp_path, model
     (record,) = metrics(run)
     assert math.isfinite(record["reward_mean"]) and 0 < record["reward_mean"] <= 1
     assert record["reward_info/bertscore_recall"] == pytest.approx(record["reward_mean"], abs=1e-5)
-    assert record["reward_info/empty_answers"] == 0
+    assert record["reward_info/empty_answer_fraction"] == 0
     samples = [json.loads(line) for line in (run / "samples" / "epoch_0000.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(s["answers"] and s["prompt"] for s in samples)
     assert np.mean([s["reward"] for s in samples]) == pytest.approx(record["reward_mean"], abs=1e-5)

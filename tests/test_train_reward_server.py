@@ -6,8 +6,10 @@ from urllib.parse import urlparse
 
 import pytest
 
+import ddpo_fast.train as train
+from ddpo_fast import config as cfg
 from ddpo_fast.rewards.client import start_server
-from train_helpers import TINY, metrics, run_train
+from train_helpers import TINY, metrics, run_deepspeed, run_train
 
 ONE_EPOCH = [*TINY, "num_epochs=1"]
 
@@ -74,8 +76,30 @@ def test_server_dying_mid_run_stops_the_trainer_with_a_clear_error(tmp_path):
     assert (run / "checkpoints" / "epoch-0").is_dir()  # the finished epoch's checkpoint is kept
 
 
-def test_bad_reward_server_values_are_named(tmp_path):
-    proc = run_train(["--run-dir", str(tmp_path / "run"), "reward_server=yes"], check=False)
-    assert proc.returncode == 2 and "reward_server must be '' (in the trainer), auto or an http://HOST:PORT URL" in proc.stderr
+@pytest.mark.parametrize("value", ["yes", "https://127.0.0.1:8000", "http://127.0.0.1:8000/v1", "127.0.0.1:8000"])
+def test_bad_reward_server_values_are_named(tmp_path, value):
+    args = train.parse_args(["--run-dir", str(tmp_path / "run"), f"reward_server={value}"])
+    with pytest.raises(cfg.ConfigError, match="reward_server must be '' .in the trainer., auto or an http://HOST:PORT URL"):
+        train.resolve_config(args, 1)
+
+
+@pytest.mark.parametrize("extra", ["reward_options=quality=5", "reward_device=cpu"])
+def test_options_with_a_running_server_are_refused(tmp_path, extra):
+    args = train.parse_args(["--run-dir", str(tmp_path / "run"), "reward_server=http://127.0.0.1:8000", extra])
+    with pytest.raises(cfg.ConfigError, match="reward_options and reward_device are not used with it"):
+        train.resolve_config(args, 1)
+
+
+def test_bad_reward_timeout_is_named(tmp_path):
     proc = run_train(["--run-dir", str(tmp_path / "run"), "reward_timeout=0"], check=False)
     assert proc.returncode == 2 and "reward_timeout must be > 0" in proc.stderr
+
+
+def test_two_ranks_share_one_auto_server(tmp_path):
+    run = tmp_path / "run"
+    proc = run_deepspeed(["--run-dir", str(run), *ONE_EPOCH, "reward_server=auto"])
+    urls = set(re.findall(r"reward jpeg_compressibility served at (http://127\.0\.0\.1:\d+)", proc.stdout))
+    assert len(urls) == 1  # logged by rank 0; both ranks checked it before loading
+    (record,) = metrics(run)
+    assert record["reward_mean"] < 0 and record["reward_std"] > 0
+    assert _port_closed(urls.pop())

@@ -3,9 +3,9 @@
 A vision-language model answers a question about each image (default: "What is happening in this
 image?"), and BERTScore (the bert-score package) compares the answer with the image's prompt:
 reward = BERTScore recall of the prompt's tokens in the answer by default (precision or f1 with
-score=). An answer that is empty after decoding scores 0; the number of empty answers is logged
-(empty_answers), and the answers are returned per image in info["answers"] (the trainer saves them
-beside the sample grids).
+score=). An answer that is empty after decoding scores 0; the fraction of empty answers is logged
+(empty_answer_fraction), and the answers are returned per image in info["answers"] (the trainer saves
+them beside the sample grids).
 
 The answers come from either
   - LLaVA in this process: transformers' LlavaForConditionalGeneration and its processor loaded from
@@ -228,6 +228,7 @@ class LlavaBertScoreReward:
         answers = self.answer(images)
         scores = self.bertscore(answers, [str(p) for p in prompts])
         info = {f"bertscore_{name}": float(values.mean()) for name, values in scores.items()}
-        info["empty_answers"] = sum(not a for a in answers)
+        # a fraction, not a count: the trainer averages batch-level numbers over batches
+        info["empty_answer_fraction"] = sum(not a for a in answers) / len(answers)
         info["answers"] = answers
         return scores[self.score_name], info

@@ -5,8 +5,9 @@
         fn = RemoteReward(server.url, "aesthetic")
         scores, info = fn(images, prompts, metadata)  # a reward function like any other
 
-Every call fails within about (retries + 1) * timeout seconds plus the backoff: a dead or hung server
-raises RewardServerError instead of stalling the trainer.
+A call that gets no answer within `timeout` seconds raises RewardServerError at once; a refused
+connection (a dead server) is retried `retries` times over a few seconds first. Either way the
+trainer gets an error instead of stalling.
 """
 from __future__ import annotations
 
@@ -139,9 +140,10 @@ def _check_arguments(images, prompts, metadata) -> tuple[list, list]:
 class RemoteReward:
     """A reward function computed by a reward server: `RemoteReward(url, reward)(images, prompts, metadata)`.
 
-    `reward` is the spec the server serves (it refuses another). Each HTTP attempt gets `timeout`
-    seconds; a refused or reset connection, a timeout or a 503 is retried `retries` more times (after
-    0.5 s, 1 s, 2 s, ...), then RewardServerError. A 400 (bad request) raises ValueError and a 500 (the
+    `reward` is the spec the server serves (it refuses another). A request that gets no answer within
+    `timeout` seconds is a RewardServerError (not retried: the server may still be computing it); a
+    refused or reset connection or a 503 is retried `retries` more times (after 0.5 s, 1 s, 2 s, ...),
+    then RewardServerError. A 400 (bad request) raises ValueError and a 500 (the
     reward raised) RewardServerError, both with the server's message and without retrying.
     """
 
@@ -190,7 +192,11 @@ class RemoteReward:
                 time.sleep(BACKOFF_S * 2 ** (attempt - 1))
             try:
                 status, data = _exchange(self.host, self.port, "POST", "/reward", chunks, self.timeout)
-            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+            except TimeoutError:  # not retried: the server may still be computing it, and would compute it again
+                raise RewardServerError(
+                    f"reward server {self.url} did not answer reward {self.reward} within {self.timeout:g} s "
+                    "(the timeout); is it hung or overloaded? See its log") from None
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short
                 last = f"{type(e).__name__}: {e}"
                 continue
             if status != 503:

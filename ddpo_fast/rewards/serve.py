@@ -137,13 +137,17 @@ def jsonable(value):
 class Batcher:
     """Runs the reward on one worker thread, one call at a time, batching requests that arrive together."""
 
-    def __init__(self, fn, spec: str, max_batch: int, wait_s: float):
+    def __init__(self, fn, spec: str, max_batch: int, wait_s: float, start: bool = True):
         self.fn, self.spec, self.max_batch, self.wait_s = fn, spec, max_batch, wait_s
         self.queue: Queue[Job] = Queue()
         self.held: collections.deque[Job] = collections.deque()  # did not fit the last call: go first next time
         self.requests = self.calls = 0
         self.arriving = 0  # requests whose body is being read: worth waiting for
         self.lock = threading.Lock()
+        if start:
+            self.start()
+
+    def start(self) -> None:
         threading.Thread(target=self._run, name="reward-worker", daemon=True).start()
 
     def arrival(self, delta: int) -> None:
