@@ -10,7 +10,8 @@ from collections import deque
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from ddpo_fast import distributed
 
 EPS = 1e-6
 
@@ -62,24 +63,19 @@ def global_advantages(rewards: np.ndarray) -> np.ndarray:
 def gather(rewards: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
     """All ranks' rewards and prompts, concatenated in rank order (identity in one process).
     Every rank holds the same number of samples (the config guarantees it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rewards.double().numpy(), list(prompts)
-    world = dist.get_world_size()
-    parts = [torch.zeros_like(rewards) for _ in range(world)]
-    dist.all_gather(parts, rewards.contiguous())
-    prompt_parts: list = [None] * world
-    dist.all_gather_object(prompt_parts, list(prompts))
-    return torch.cat(parts).double().numpy(), [p for part in prompt_parts for p in part]
+    all_rewards = distributed.all_gather_cat(rewards.float())  # on the rank's device (NCCL's rule)
+    all_prompts = [p for part in distributed.all_gather_objects(list(prompts)) for p in part]
+    return all_rewards.double().cpu().numpy(), all_prompts
 
 
 def compute_advantages(rewards: torch.Tensor, prompts: list[str], tracker: PerPromptStatTracker | None,
-                       rank: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(this rank's advantages (float32), the gathered rewards, the gathered advantages)."""
-    all_rewards, all_prompts = gather(rewards.float().cpu(), prompts)
+                       rank: int = 0, device: torch.device | str = "cpu") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(this rank's advantages (float32, on `device`), the gathered rewards, the gathered advantages)."""
+    all_rewards, all_prompts = gather(rewards, prompts)
     if tracker is not None:
         advantages = tracker.update(all_prompts, all_rewards)
     else:
         advantages = global_advantages(all_rewards)
     n = len(prompts)
     mine = advantages[rank * n:(rank + 1) * n]
-    return torch.from_numpy(mine.astype(np.float32)), all_rewards, advantages
+    return torch.from_numpy(mine.astype(np.float32)).to(device), all_rewards, advantages

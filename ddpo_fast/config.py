@@ -18,10 +18,12 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from ddpo_fast.precision import MIXED_PRECISIONS
+
 ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 STORAGE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 ENGINES = ("auto", "torch", "deepspeed")
+ATTENTIONS = ("sdpa", "xformers")
 
 
 class ConfigError(ValueError):
@@ -83,11 +85,14 @@ class Config:
     seed: int = 0
     num_epochs: int = 100
     save_freq: int = 1  # epochs between sample grids
-    checkpoint_freq: int = 1  # epochs between checkpoints
+    checkpoint_freq: int = 10  # epochs between checkpoints (and the last epoch, and on SIGTERM/SIGINT)
     num_checkpoint_limit: int = 3  # checkpoints kept
     use_lora: bool = False
-    mixed_precision: str = "no"
-    zero_stage: int = 2
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU, no (fp32) on a CPU
+    attention: str = "sdpa"  # sdpa (PyTorch scaled_dot_product_attention) or xformers
+    compile: bool = False  # torch.compile the UNet for sampling and training
+    zero_stage: int = 1  # ZeRO-1: gradients cross the network once per optimizer step
+    deepspeed_config: str = ""  # a JSON file merged over the DeepSpeed config the trainer makes (e.g. offload)
     engine: str = "auto"  # auto: DeepSpeed when launched with several ranks, else plain PyTorch
     reward_workers: int = 2  # background threads computing rewards
     log_wandb: bool = False
@@ -335,6 +340,12 @@ def validate(config: Config, world_size: int = 1) -> Config:
            f"mixed_precision must be one of {MIXED_PRECISIONS}, got {config.mixed_precision!r}")
     _check(config.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {config.zero_stage}")
     _check(config.engine in ENGINES, f"engine must be one of {ENGINES}, got {config.engine!r}")
+    _check(config.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}, got {config.attention!r}")
+    _check(not (config.compile and config.zero_stage == 3 and resolved_engine(config, world_size) == "deepspeed"),
+           "compile=true does not work with zero_stage=3 (ZeRO-3 gathers parameters in module hooks); "
+           "use zero_stage=1 or 2")
+    if config.deepspeed_config:
+        deepspeed_overrides(config.deepspeed_config)  # raises ConfigError
     _check(config.reward_workers >= 1, f"reward_workers must be >= 1, got {config.reward_workers}")
     _check(config.reward_server in ("", "auto") or _is_server_url(config.reward_server),
            f"reward_server must be '' (in the trainer), auto or an http://HOST:PORT URL, got {config.reward_server!r}")
@@ -385,6 +396,32 @@ def validate(config: Config, world_size: int = 1) -> Config:
         _check(config.mixed_precision != "fp16",
                "mixed_precision=fp16 needs engine=deepspeed (its loss scaler); use bf16 or no with one process")
     return config
+
+
+# Set from the trainer's own keys (the accumulation boundary must match DDPO's backward calls).
+DEEPSPEED_OWN_KEYS = {"train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size",
+                      "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+                      "bf16": "mixed_precision", "fp16": "mixed_precision", "gradient_clipping": "train.max_grad_norm",
+                      "optimizer": "train.learning_rate and train.adam_*"}
+
+
+def deepspeed_overrides(path: str) -> dict:
+    """The JSON object of `deepspeed_config=PATH`, checked not to set what the trainer's keys set."""
+    try:
+        with open(path) as f:
+            overrides = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"deepspeed_config={path!r}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config={path!r}: not valid JSON ({e})") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"deepspeed_config={path!r}: must hold a JSON object")
+    for key, ours in DEEPSPEED_OWN_KEYS.items():
+        if key in overrides:
+            raise ConfigError(f"deepspeed_config={path!r} sets {key!r}; set the trainer's {ours} instead")
+    if "stage" in overrides.get("zero_optimization", {}):
+        raise ConfigError(f"deepspeed_config={path!r} sets zero_optimization.stage; set zero_stage instead")
+    return overrides
 
 
 def resolved_engine(config: Config, world_size: int) -> str:

@@ -1,13 +1,14 @@
 """Compare a base model with a finetuned one on fixed prompts and seeds.
 
     python -m ddpo_fast.evaluate --finetuned RUN_DIR [--base MODEL] [--reward NAME]
-        [--prompts "cat,dog,a red car"] [--seeds 0,1,2] [--out DIR]
+        [--prompts "cat,dog,a red car"] [--seeds 0,1,2] [--out DIR] [--device cuda:0] [--batch-size 16]
 
 RUN_DIR is a trainer run directory (its config.json names the base model, the reward and the
 sampler settings; the finetuned weights are RUN_DIR/unet or RUN_DIR/lora), or a diffusers UNet
 directory (then give --base). Writes OUT/comparison.png (one row per prompt and seed: base |
 finetuned, captioned with the rewards) and OUT/rewards.json + OUT/rewards.md (mean, std, per prompt).
-The default prompts include some that the built-in training sets never use.
+The default prompts include some that the built-in training sets never use. Sampling runs on the
+GPU when there is one (in the run's mixed precision), batched over prompts.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 
 from ddpo_fast import config as cfg
-from ddpo_fast.models import encode_prompts, load_pipeline
+from ddpo_fast import precision as prec
+from ddpo_fast.models import encode_prompts, load_pipeline, place_pipeline
+from ddpo_fast.precision import Precision
 from ddpo_fast.rewards import build as build_reward
 from ddpo_fast.rewards import parse_options
 from ddpo_fast.sampling import decode_images, sample_batch
@@ -47,22 +50,31 @@ def load_finetuned(finetuned: Path, base: str):
     return pipe, run_config
 
 
-def sample_images(pipe, prompts: list[str], seeds: list[int], config: cfg.Config) -> torch.Tensor:
-    """uint8 images, prompt-major then seed (row i = prompts[i // len(seeds)], seeds[i % len(seeds)])."""
+def sample_images(pipe, prompts: list[str], seeds: list[int], config: cfg.Config, device: torch.device,
+                  batch_size: int = 16) -> torch.Tensor:
+    """uint8 images, prompt-major then seed (row i = prompts[i // len(seeds)], seeds[i % len(seeds)]).
+
+    Batched over prompts (up to `batch_size` at once) per seed, on `device` in the run's mixed
+    precision (bf16 on a GPU by default). An image depends on its seed and on the prompts batched with
+    it, so the base and the finetuned model see exactly the same noise."""
     s = config.sample
-    pipe.scheduler.set_timesteps(s.num_steps)
-    negative = encode_prompts(pipe, [""], "cpu") if config.use_cfg else None
+    precision = Precision(prec.resolve(config.mixed_precision, device), device.type)
+    place_pipeline(pipe, device, precision.dtype)
+    pipe.scheduler.set_timesteps(s.num_steps, device=device)
+    negative = encode_prompts(pipe, [""], device) if config.use_cfg else None
     size = pipe.unet.config.sample_size
-    images = []
-    for prompt in prompts:
-        embeds = encode_prompts(pipe, [prompt], "cpu")
+    rows = []
+    for first in range(0, len(prompts), batch_size):
+        embeds = encode_prompts(pipe, prompts[first:first + batch_size], device)
+        by_seed = []
         for seed in seeds:
             _, final = sample_batch(pipe.unet, pipe.scheduler, embeds, negative,
                                     latent_shape=(pipe.unet.config.in_channels, size, size), eta=s.eta,
                                     guidance_scale=s.guidance_scale, num_train_timesteps=1, seed=seed,
-                                    storage_dtype=torch.float32)
-            images.append(decode_images(pipe.vae, final))
-    return torch.cat(images)
+                                    storage_dtype=precision.dtype or torch.float32, precision=precision)
+            by_seed.append(decode_images(pipe.vae, final))
+        rows.append(torch.stack(by_seed, dim=1).flatten(0, 1))  # (prompts, seeds) -> prompt-major rows
+    return torch.cat(rows)
 
 
 def comparison_grid(path: Path, base: torch.Tensor, tuned: torch.Tensor, labels: list[str],
@@ -93,10 +105,16 @@ def summarize(prompts: list[str], seeds: list[int], rewards: np.ndarray) -> dict
             "per_prompt": {p: float(r.mean()) for p, r in zip(prompts, per_prompt)}}
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | None = None,
-             prompts: list[str] | None = None, seeds: list[int] | None = None, reward_options: str = "") -> dict:
+             prompts: list[str] | None = None, seeds: list[int] | None = None, reward_options: str = "",
+             device: torch.device | str | None = None, batch_size: int = 16) -> dict:
     prompts = prompts or DEFAULT_PROMPTS
     seeds = seeds or [0, 1]
+    device = torch.device(device) if device is not None else default_device()
     tuned_pipe, run_config = load_finetuned(Path(finetuned), base)
     config = run_config or cfg.from_preset()
     # The run's reward with the run's options (e.g. aesthetic's model paths) and reward_device, unless one is given.
@@ -107,13 +125,14 @@ def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | 
 
         reward_fn = RemoteReward(config.reward_server, config.reward, timeout=config.reward_timeout)
     else:
-        from ddpo_fast.train import reward_options as run_reward_options
+        from ddpo_fast.rewards.run import reward_options as run_reward_options
 
         reward_fn = build_reward(config.reward, **run_reward_options(config))
     base_pipe = load_pipeline(base or config.model)
     with torch.no_grad():
-        base_images = sample_images(base_pipe, prompts, seeds, config)
-        tuned_images = sample_images(tuned_pipe, prompts, seeds, config)
+        base_images = sample_images(base_pipe, prompts, seeds, config, device, batch_size)
+        del base_pipe  # one pipeline on the device at a time
+        tuned_images = sample_images(tuned_pipe, prompts, seeds, config, device, batch_size)
     all_prompts = [p for p in prompts for _ in seeds]
     meta = [{} for _ in all_prompts]
     base_rewards = reward_fn(base_images, all_prompts, meta)[0].numpy()
@@ -142,15 +161,24 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default=None, help="comma-separated prompts")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--out", default=None, help="output directory (default: FINETUNED/eval)")
+    parser.add_argument("--device", default=None, help="sampling device (default: cuda if there is a GPU, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts sampled at once (default 16)")
     args = parser.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     prompts = [p.strip() for p in args.prompts.split(",")] if args.prompts else None
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        torch.device(args.device) if args.device else None
+    except RuntimeError:
+        parser.error(f"--device must be a torch device (cpu, cuda, cuda:1), got {args.device!r}")
     out = Path(args.out or Path(args.finetuned) / "eval")
     try:
-        result = evaluate(Path(args.finetuned), out, args.base, args.reward, prompts, seeds, args.reward_options)
+        result = evaluate(Path(args.finetuned), out, args.base, args.reward, prompts, seeds, args.reward_options,
+                          args.device, args.batch_size)
     except ValueError as e:
         print(f"ddpo_fast.evaluate: error: {e}", file=sys.stderr)
         return 2

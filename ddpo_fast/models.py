@@ -165,6 +165,28 @@ def load_pipeline(model: str, seed: int = TINY_SEED) -> StableDiffusionPipeline:
     return pipe
 
 
+def place_pipeline(pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Moves the pipeline to `device`: the frozen VAE and text encoder in the mixed-precision `dtype`
+    (None: fp32), the UNet in fp32 (trained; autocast gives its mixed precision)."""
+    # nn.Module.to: diffusers' override warns on any dtype cast, even when no module must stay fp32.
+    torch.nn.Module.to(pipe.vae, device=device, dtype=dtype or torch.float32)
+    pipe.text_encoder.to(device, dtype=dtype or torch.float32)
+    pipe.unet.to(device)
+
+
+def set_attention(unet, attention: str) -> None:
+    """`sdpa`: PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on a GPU);
+    `xformers`: xformers' memory-efficient attention (needs the package)."""
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    else:
+        raise ValueError(f"attention must be sdpa or xformers, got {attention!r}")
+
+
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], device) -> torch.Tensor:
     """Text-encoder hidden states (N, L, D) for `prompts`, padded to the tokenizer's max length."""
     ids = pipe.tokenizer(

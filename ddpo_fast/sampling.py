@@ -13,13 +13,13 @@ device; nothing is copied to the host per step. Bytes per sample:
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from ddpo_fast.ops import ddim_step_logprob, scheduler_alphas
+from ddpo_fast.precision import FP32, Precision, unet_forward
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,13 +28,6 @@ def derive_seed(*parts: int) -> int:
     """A 62-bit seed mixed from integers (run seed, epoch, batch, rank, ...): independent streams."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 30) ^ int(state[1])
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to `dtype` (None: off) on the device's type."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -79,25 +72,14 @@ def choose_train_steps(batch_size: int, num_steps: int, num_train_timesteps: int
     return torch.stack(picks).sort(dim=1).values
 
 
-def unet_forward(unet, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-                 negative_embeds: torch.Tensor | None) -> torch.Tensor:
-    """UNet output; with `negative_embeds` (CFG) on the stacked [uncond; cond] batch (2B rows)."""
-    if negative_embeds is not None:
-        latents = torch.cat([latents, latents])
-        timesteps = torch.cat([timesteps, timesteps]) if timesteps.dim() else timesteps
-        embeds = torch.cat([negative_embeds.expand_as(embeds), embeds])
-    dtype = next(getattr(unet, "module", unet).parameters()).dtype  # a training engine wraps the module
-    return unet(latents.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype)).sample
-
-
 @torch.no_grad()
 def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, *,
                  latent_shape: tuple[int, int, int], eta: float, guidance_scale: float, num_train_timesteps: int,
-                 seed: int, storage_dtype: torch.dtype, autocast_dtype: torch.dtype | None = None,
-                 progress=None) -> tuple[Trajectories, torch.Tensor]:
+                 seed: int, storage_dtype: torch.dtype, precision: Precision = FP32, progress=None) -> tuple[Trajectories, torch.Tensor]:
     """Samples B = len(prompt_embeds) trajectories; returns (trajectories, final latents x_0).
 
-    `scheduler.set_timesteps` must have been called. CFG is on when `negative_embeds` is given.
+    `scheduler.set_timesteps` must have been called. CFG is on when `negative_embeds` is given. The
+    UNet runs under `precision`, the policy training uses too (see ddpo_fast.precision).
     """
     device = prompt_embeds.device
     batch, num_steps = prompt_embeds.shape[0], len(scheduler.timesteps)
@@ -115,8 +97,7 @@ def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: 
     timesteps = scheduler.timesteps.to(device)
     for i in range(num_steps):
         t = timesteps[i]
-        with autocast(device, autocast_dtype):
-            out = unet_forward(unet, x, t, prompt_embeds, negative_embeds)
+        out = unet_forward(unet, x, t, prompt_embeds, negative_embeds, precision)
         alpha_t, alpha_prev = scheduler_alphas(scheduler, t, batch, device)
         prev, log_prob = ddim_step_logprob(out.contiguous(), x, alpha_t, alpha_prev, eta=eta, seed=seed, offset=i,
                                            guidance_scale=guidance, out_dtype=storage_dtype)

@@ -9,6 +9,10 @@ Three entry points with the semantics of the C++ core (csrc/ddim_core.h), each t
                     c_b = grad_log_prob[b] / (sigma_b^2 numel)
     ppo(call)       the PPO stage alone, reading call.log_prob
 
+Each entry point builds its launches (forward_launches, ppo_launches, backward_launches: kernel,
+grid, arguments, constexprs), which tests/triton_aot.py compiles ahead of time for sm_90, then runs
+them with the tensors' CUDA device made current.
+
 The per-element and per-sample math is that of csrc/ddim_math.h, written the same way (the
 (p - a) / p form of sigma, the StepCoef coefficients, the clip rule, the PPO tie rule, the Philox
 counters and keys, the Box-Muller layout and its polynomial log / sincos), so that the Triton, CPU
@@ -29,9 +33,10 @@ is first imported.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import triton
@@ -40,7 +45,8 @@ import triton.language as tl
 if TYPE_CHECKING:
     from ddpo_fast.backends import DdimCall
 
-__all__ = ["forward", "backward", "ppo", "KernelConfig", "config"]
+__all__ = ["forward", "backward", "ppo", "KernelConfig", "config", "Launch", "forward_launches",
+           "ppo_launches", "backward_launches"]
 
 
 class KernelConfig:
@@ -488,35 +494,59 @@ def _check_call(call: DdimCall, *, backward: bool = False) -> None:
         raise ValueError("backward needs grad_log_prob and grad_model_output")
 
 
-def _finalize(call: DdimCall, partial: torch.Tensor | None, nchunks: int, from_partials: bool) -> None:
+class Launch(NamedTuple):
+    """One kernel launch as the entry points make it: the JIT kernel, its grid, its runtime arguments
+    and constexprs by parameter name, num_warps. Built apart from the launch so that a test can
+    compile the same variants ahead of time (tests/triton_aot.py)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    num_warps: int
+
+
+def _on_device(device: torch.device):
+    """Makes `device` the current CUDA device for the block (nothing for CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _run(launches: list[Launch], device: torch.device) -> None:
+    # Triton launches on the current CUDA device (and its current stream), not on the device of the
+    # tensors: with tensors on cuda:1 while cuda:0 is current it would run on the wrong GPU.
+    with _on_device(device):
+        for launch in launches:
+            launch.kernel[launch.grid](**launch.args, **launch.constexprs, num_warps=launch.num_warps)
+
+
+def _finalize_launch(call: DdimCall, cfg: KernelConfig, partial: torch.Tensor | None, nchunks: int,
+                     from_partials: bool) -> Launch:
     B, N = call.batch, call.numel
-    ct = _compute(call)
-    cfg = config(call.sample.device)
     run_ppo = call.old_log_prob is not None
     if run_ppo and (call.advantages is None or call.loss is None or call.approx_kl is None
                     or call.clipfrac is None or call.dloss_dlogp is None):
         raise ValueError("the PPO stage needs advantages, loss, approx_kl, clipfrac and dloss_dlogp")
     dummy = call.alpha_t
-    _finalize_kernel[(1,)](
-        partial if partial is not None else dummy, call.alpha_t, call.alpha_prev, call.log_prob,
-        call.old_log_prob if run_ppo else dummy, call.advantages if run_ppo else dummy,
-        call.loss if run_ppo else dummy, call.approx_kl if run_ppo else dummy,
-        call.clipfrac if run_ppo else dummy, call.dloss_dlogp if run_ppo else dummy,
-        B, N, nchunks, _stride(call.old_log_prob, B), _stride(call.advantages, B),
-        _f64_bits(call.eta), _f64_bits(call.ppo_clip_range), _f64_bits(call.adv_clip_max),
-        CT=ct, FROM_PARTIALS=from_partials, PPO=run_ppo,
-        BB=cfg.batch_tile, PC=cfg.partial_tile, num_warps=cfg.num_warps,
-    )
+    return Launch(_finalize_kernel, (1,), dict(
+        partial_ptr=partial if partial is not None else dummy, at_ptr=call.alpha_t, ap_ptr=call.alpha_prev,
+        logp_ptr=call.log_prob, old_ptr=call.old_log_prob if run_ppo else dummy,
+        adv_ptr=call.advantages if run_ppo else dummy, loss_ptr=call.loss if run_ppo else dummy,
+        kl_ptr=call.approx_kl if run_ppo else dummy, clipfrac_ptr=call.clipfrac if run_ppo else dummy,
+        dlogp_ptr=call.dloss_dlogp if run_ppo else dummy,
+        B=B, N=N, nchunks=nchunks, old_stride=_stride(call.old_log_prob, B), adv_stride=_stride(call.advantages, B),
+        eta_bits=_f64_bits(call.eta), clip_bits=_f64_bits(call.ppo_clip_range),
+        advmax_bits=_f64_bits(call.adv_clip_max),
+    ), dict(
+        CT=_compute(call), FROM_PARTIALS=from_partials, PPO=run_ppo, BB=cfg.batch_tile, PC=cfg.partial_tile,
+    ), cfg.num_warps)
 
 
-def forward(call: DdimCall) -> None:
-    """x_{t-1} (when call.sample_noise) and log_prob, then the PPO stage when old_log_prob is set."""
+def forward_launches(call: DdimCall, cfg: KernelConfig) -> list[Launch]:
+    """The launches of forward(call) with tile sizes `cfg` (allocates the partial-sum workspace)."""
     _check_call(call)
     if call.log_prob is None:
         raise ValueError("forward needs a log_prob output")
     B, N = call.batch, call.numel
-    ct = _compute(call)
-    cfg = config(call.sample.device)
     philox = call.sample_noise and call.noise is None
     block = cfg.forward_block
     # A Philox tile starts at the sample's first whole block, up to 3 elements before the sample
@@ -525,44 +555,60 @@ def forward(call: DdimCall) -> None:
     partial = torch.empty((B, nchunks), dtype=call.compute_dtype, device=call.sample.device)
     seed_lo, seed_hi = _words(call.seed)
     off_lo, off_hi = _words(call.offset)
-    _ddim_forward_kernel[(nchunks, B)](
-        call.model_output, call.sample, call.alpha_t, call.alpha_prev, call.prev_sample,
-        call.noise if call.noise is not None else call.sample, partial,
-        B, N, nchunks,
-        _f64_bits(call.eta), _f64_bits(call.guidance_scale or 0.0),
-        _f64_bits(call.clip_sample_range if call.clip_sample_range is not None else 1.0),
-        seed_lo, seed_hi, off_lo, off_hi,
-        CT=ct, PRED=call.prediction, CFG=call.guidance_scale is not None,
+    step = Launch(_ddim_forward_kernel, (nchunks, B), dict(
+        mo_ptr=call.model_output, x_ptr=call.sample, at_ptr=call.alpha_t, ap_ptr=call.alpha_prev,
+        prev_ptr=call.prev_sample, noise_ptr=call.noise if call.noise is not None else call.sample,
+        partial_ptr=partial, B=B, N=N, nchunks=nchunks,
+        eta_bits=_f64_bits(call.eta), w_bits=_f64_bits(call.guidance_scale or 0.0),
+        range_bits=_f64_bits(call.clip_sample_range if call.clip_sample_range is not None else 1.0),
+        seed_lo=seed_lo, seed_hi=seed_hi, off_lo=off_lo, off_hi=off_hi,
+    ), dict(
+        CT=_compute(call), PRED=call.prediction, CFG=call.guidance_scale is not None,
         CLIP=call.clip_sample_range is not None,
         USE_CLIPPED=call.clip_sample_range is not None and call.use_clipped_model_output,
         SAMPLE=call.sample_noise, PHILOX=philox, PREV_BF16=call.prev_sample.dtype == torch.bfloat16,
-        R=block // 4, num_warps=cfg.num_warps,
-    )
-    _finalize(call, partial, nchunks, from_partials=True)
+        R=block // 4,
+    ), cfg.num_warps)
+    return [step, _finalize_launch(call, cfg, partial, nchunks, from_partials=True)]
+
+
+def ppo_launches(call: DdimCall, cfg: KernelConfig) -> list[Launch]:
+    """The launch of ppo(call) with tile sizes `cfg`."""
+    if call.log_prob is None or call.old_log_prob is None:
+        raise ValueError("ppo needs log_prob and old_log_prob")
+    return [_finalize_launch(call, cfg, None, 1, from_partials=False)]
+
+
+def backward_launches(call: DdimCall, cfg: KernelConfig) -> list[Launch]:
+    """The launch of backward(call) with tile sizes `cfg`."""
+    _check_call(call, backward=True)
+    B, N = call.batch, call.numel
+    block = cfg.backward_block
+    gprev = call.grad_prev_sample
+    return [Launch(_ddim_backward_kernel, (triton.cdiv(N, block), B), dict(
+        mo_ptr=call.model_output, x_ptr=call.sample, at_ptr=call.alpha_t, ap_ptr=call.alpha_prev,
+        prev_ptr=call.prev_sample, gprev_ptr=gprev if gprev is not None else call.sample,
+        glogp_ptr=call.grad_log_prob, gmo_ptr=call.grad_model_output,
+        B=B, N=N, eta_bits=_f64_bits(call.eta), w_bits=_f64_bits(call.guidance_scale or 0.0),
+        range_bits=_f64_bits(call.clip_sample_range if call.clip_sample_range is not None else 1.0),
+    ), dict(
+        CT=_compute(call), PRED=call.prediction, CFG=call.guidance_scale is not None,
+        CLIP=call.clip_sample_range is not None,
+        USE_CLIPPED=call.clip_sample_range is not None and call.use_clipped_model_output,
+        HAS_GPREV=gprev is not None, GRAD_BF16=call.grad_model_output.dtype == torch.bfloat16, BLOCK=block,
+    ), cfg.num_warps)]
+
+
+def forward(call: DdimCall) -> None:
+    """x_{t-1} (when call.sample_noise) and log_prob, then the PPO stage when old_log_prob is set."""
+    _run(forward_launches(call, config(call.sample.device)), call.sample.device)
 
 
 def ppo(call: DdimCall) -> None:
     """The PPO stage alone: loss, approx_kl, clipfrac and dloss_dlogp from call.log_prob."""
-    if call.log_prob is None or call.old_log_prob is None:
-        raise ValueError("ppo needs log_prob and old_log_prob")
-    _finalize(call, None, 1, from_partials=False)
+    _run(ppo_launches(call, config(call.sample.device)), call.sample.device)
 
 
 def backward(call: DdimCall) -> None:
     """grad_model_output of the step: d mu / d m * (grad_prev_sample + c_b (x' - mu))."""
-    _check_call(call, backward=True)
-    B, N = call.batch, call.numel
-    cfg = config(call.sample.device)
-    block = cfg.backward_block
-    gprev = call.grad_prev_sample
-    _ddim_backward_kernel[(triton.cdiv(N, block), B)](
-        call.model_output, call.sample, call.alpha_t, call.alpha_prev, call.prev_sample,
-        gprev if gprev is not None else call.sample, call.grad_log_prob, call.grad_model_output,
-        B, N, _f64_bits(call.eta), _f64_bits(call.guidance_scale or 0.0),
-        _f64_bits(call.clip_sample_range if call.clip_sample_range is not None else 1.0),
-        CT=_compute(call), PRED=call.prediction, CFG=call.guidance_scale is not None,
-        CLIP=call.clip_sample_range is not None,
-        USE_CLIPPED=call.clip_sample_range is not None and call.use_clipped_model_output,
-        HAS_GPREV=gprev is not None, GRAD_BF16=call.grad_model_output.dtype == torch.bfloat16,
-        BLOCK=block, num_warps=cfg.num_warps,
-    )
+    _run(backward_launches(call, config(call.sample.device)), call.sample.device)

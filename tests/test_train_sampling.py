@@ -8,8 +8,8 @@ from ddpo_fast.models import build_tiny_pipeline, encode_prompts
 from ddpo_fast.ops import ddim_step_logprob, scheduler_alphas
 from ddpo_fast.prompts import get_prompt_fn
 from ddpo_fast.rewards import RewardPool, build, jpeg_sizes_kb
-from ddpo_fast.sampling import (Trajectories, choose_train_steps, decode_images, expected_bytes_per_sample,
-                                sample_batch, unet_forward)
+from ddpo_fast.precision import FP32, unet_forward
+from ddpo_fast.sampling import Trajectories, choose_train_steps, decode_images, expected_bytes_per_sample, sample_batch
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_stored_log_probs_are_those_of_the_stored_latents(pipe, dtype):
         t = timesteps[traj.step_indices[:, j]]
         a, p = scheduler_alphas(pipe.scheduler, t, len(x), "cpu")
         with torch.no_grad():
-            out = unet_forward(pipe.unet, x, t, emb, neg)
+            out = unet_forward(pipe.unet, x, t, emb, neg, FP32)
         _, log_prob = ddim_step_logprob(out, x, a, p, eta=1.0, prev_sample=x_next, guidance_scale=4.0)
         torch.testing.assert_close(log_prob, traj.log_probs[:, j], rtol=0, atol=1e-4)
 

@@ -15,8 +15,10 @@ from ddpo_fast.rewards import jpeg_compressibility
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
-# A run of a few seconds: 2 epochs of 8 samples, 4 DDIM steps, 2 trained per sample.
+# A run of a few seconds: 2 epochs of 8 samples, 4 DDIM steps, 2 trained per sample, a checkpoint
+# every epoch (the default is every 10 and the last).
 TINY = [
+    "checkpoint_freq=1",
     "num_epochs=2", "sample.num_steps=4", "sample.batch_size=4", "sample.num_batches_per_epoch=2",
     "train.batch_size=4", "train.timestep_fraction=0.5", "sample.guidance_scale=3",
     "per_prompt_stat_tracking.min_count=2", "reward_workers=1",
@@ -41,11 +43,11 @@ def run_train(args: list[str], *, extra_env: dict | None = None, check: bool = T
 
 
 def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 300, *, check: bool = True,
-                  extra_env: dict | None = None):
-    """`deepspeed --num_gpus RANKS ddpo_fast/train.py ARGS` (CPU ranks here)."""
+                  extra_env: dict | None = None, script: Path = REPO / "ddpo_fast" / "train.py"):
+    """`deepspeed --num_gpus RANKS ddpo_fast/train.py ARGS` (CPU ranks here; another user script with `script`)."""
     port = str(29500 + (os.getpid() % 1000))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
-           str(REPO / "ddpo_fast" / "train.py"), *args]
+           str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -22,8 +22,10 @@ any model; values may be strings, as they come from the command line.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -192,6 +194,7 @@ class _UserReward:
 
     def __init__(self, spec: str, fn: RewardFn):
         self.__name__, self.fn = spec, fn
+        self.thread_safe = getattr(fn, "thread_safe", False)
 
     def __call__(self, images: torch.Tensor, prompts: list, metadata: list) -> tuple[torch.Tensor, dict]:
         return _checked_call(self.fn, images, prompts, metadata)
@@ -202,6 +205,7 @@ class WeightedSum:
 
     def __init__(self, components: list[tuple[str, float, RewardFn]]):
         self.components = components
+        self.thread_safe = all(getattr(fn, "thread_safe", False) for _, _, fn in components)
         self.__name__ = ",".join(f"{name}:{weight:g}" for name, weight, _ in components)
 
     def __call__(self, images: torch.Tensor, prompts: list, metadata: list) -> tuple[torch.Tensor, dict]:
@@ -216,14 +220,30 @@ class WeightedSum:
 
 
 class RewardPool:
-    """Computes rewards in background threads: `submit` returns a Future of (rewards (N,), info)."""
+    """Computes rewards in background threads: `submit` returns a Future of (rewards (N,), info).
 
-    def __init__(self, fn: RewardFn, workers: int = 2):
+    The threads run with `device` as their current CUDA device (the current device is per thread: in a
+    new thread it is cuda:0, whatever the rank). A reward function is called from one thread at a time
+    unless it says it is thread-safe (`fn.thread_safe = True`, as the JPEG rewards and the reward
+    server's client do): a model-backed reward shares one model, tokenizer and CUDA stream."""
+
+    def __init__(self, fn: RewardFn, workers: int = 2, device: torch.device | None = None):
         self.fn = fn
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
+        self.device = device
+        self._lock = contextlib.nullcontext() if getattr(fn, "thread_safe", False) else threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward",
+                                           initializer=self._enter_device)
+
+    def _enter_device(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def _call(self, images: torch.Tensor, prompts: list, metadata: list) -> tuple[torch.Tensor, dict]:
+        with self._lock:
+            return _checked_call(self.fn, images, prompts, metadata)
 
     def submit(self, images: torch.Tensor, prompts: list, metadata: list) -> Future:
-        return self.executor.submit(_checked_call, self.fn, images, prompts, metadata)
+        return self.executor.submit(self._call, images, prompts, metadata)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

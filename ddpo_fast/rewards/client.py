@@ -158,6 +158,7 @@ class RemoteReward:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         self.reward, self.timeout, self.retries = reward, float(timeout), retries
         self.__name__ = f"{reward}@{self.url}"
+        self.thread_safe = True  # each call is its own HTTP request; the server batches concurrent ones
 
     def __call__(self, images: torch.Tensor, prompts: list, metadata: list) -> tuple[torch.Tensor, dict]:
         prompts, metadata = _check_arguments(images, prompts, metadata)

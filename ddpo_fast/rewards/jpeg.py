@@ -33,3 +33,8 @@ def jpeg_incompressibility(images: torch.Tensor, prompts: list, metadata: list):
     """Reward = JPEG size in kB: larger files score higher."""
     sizes = jpeg_sizes_kb(images)
     return torch.from_numpy(sizes), {"jpeg_kb": float(sizes.mean())}
+
+
+# Pure functions of their inputs: the reward pool may call them from several threads at once.
+jpeg_compressibility.thread_safe = True
+jpeg_incompressibility.thread_safe = True

@@ -21,15 +21,24 @@ def model_path(reward: str, option: str, value, example: str) -> str:
 
 
 def device(reward: str, value) -> torch.device:
-    """A torch device; None or '' means cuda when a GPU is visible, else cpu."""
+    """A torch device with an explicit index. None or '' means this thread's current CUDA device when a
+    GPU is visible (the trainer makes it cuda:LOCAL_RANK), else cpu; a bare 'cuda' means the current
+    CUDA device too. Never a bare 'cuda': the current device is per thread, and a reward called from a
+    pool thread, where it is cuda:0, would put its inputs on GPU 0 while its weights are elsewhere."""
     if value is None or value == "":
         value = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         result = torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(f"{reward} reward: device={value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if result.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{reward} reward: device={str(result)!r} but no CUDA GPU is available")
+    if result.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{reward} reward: device={str(result)!r} but no CUDA GPU is available")
+        if result.index is None:
+            result = torch.device("cuda", torch.cuda.current_device())
+        if result.index >= torch.cuda.device_count():
+            raise ValueError(f"{reward} reward: device={str(result)!r} but only {torch.cuda.device_count()} "
+                             "CUDA device(s) are visible")
     return result
 
 
