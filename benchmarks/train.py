@@ -1,12 +1,13 @@
 """End-to-end training throughput: ddpo_fast's trainer against trl 0.23.1's DDPOTrainer (the eager
 baseline of the same algorithm) on the same saved tiny pipeline and the same config.
 
-    python benchmarks/train.py [--epochs 3] [--csv benchmarks/results/train.csv] [key=value ...]
-    python benchmarks/train.py --model sd15-random --epochs 3 mixed_precision=bf16   # on a GPU
+    python benchmarks/train.py [--epochs 3] [--with-compile] [--csv benchmarks/results/train.csv] [key=value ...]
+    python benchmarks/train.py --model sd15-random --epochs 3 --skip-trl   # on a GPU (bf16 there by default)
 
 Defaults: the issue's bar config (20 DDIM steps, CFG 5, 32 samples per epoch, full finetune,
 JPEG compressibility). Each trainer runs in its own subprocess (clean peak memory); the first epoch
-is a warm-up and samples/s is the mean of the others. Peak memory: max RSS on CPU, max allocated on
+is a warm-up (torch.compile's compilation too, with --with-compile) and samples/s is the mean of the
+others. `--with-compile` adds a row for ddpo_fast with compile=true. Peak memory: max RSS on CPU, max allocated on
 CUDA.
 
 Model FLOP utilisation: the UNet's FLOPs per sample of an epoch (forwards while sampling, twice
@@ -79,6 +80,16 @@ def unet_flops_per_sample(model: str, overrides: list[str]) -> float:
     return forward * per_sample
 
 
+def resolved_precision(overrides: list[str]) -> str:
+    """The run's mixed precision on this machine (auto: bf16 on a GPU, no on a CPU)."""
+    import torch
+
+    from ddpo_fast import precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return precision.resolve(bar_config(overrides).mixed_precision, device)
+
+
 def matmul_peak_flops(dtype_name: str) -> float:
     """Measured FLOP/s of a large matrix product on this device in the run's dtype."""
     import torch
@@ -111,7 +122,8 @@ def run_ours(model_dir: str, overrides: list[str], epochs: int) -> dict:
     timed = records[1:] or records
     samples = sum(r["samples_per_s"] * (r["sample_seconds"] + r["train_seconds"]) for r in timed)
     seconds = sum(r["sample_seconds"] + r["train_seconds"] for r in timed)
-    return {"trainer": "ddpo_fast", "samples_per_s": samples / seconds, "peak_memory_mb": peak_memory_mb(),
+    name = "ddpo_fast compile=true" if "compile=true" in overrides else "ddpo_fast"
+    return {"trainer": name, "samples_per_s": samples / seconds, "peak_memory_mb": peak_memory_mb(),
             "reward_first": records[0]["reward_mean"], "reward_last": records[-1]["reward_mean"]}
 
 
@@ -129,7 +141,7 @@ def run_trl(model_dir: str, overrides: list[str], epochs: int) -> dict:
     warnings.filterwarnings("ignore")
     c = cfg.validate(cfg.from_preset("tiny-compressibility", [*BAR, *overrides]))
     ddpo_config = DDPOConfig(
-        num_epochs=epochs, seed=c.seed, mixed_precision="no" if c.mixed_precision == "no" else c.mixed_precision,
+        num_epochs=epochs, seed=c.seed, mixed_precision=resolved_precision(overrides),
         sample_num_steps=c.sample.num_steps, sample_eta=c.sample.eta, sample_guidance_scale=c.sample.guidance_scale,
         sample_batch_size=c.sample.batch_size, sample_num_batches_per_epoch=c.sample.num_batches_per_epoch,
         train_batch_size=c.train.batch_size, train_learning_rate=c.train.learning_rate,
@@ -183,6 +195,7 @@ def main() -> int:
     parser.add_argument("--only", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--skip-trl", action="store_true", help="measure ddpo_fast only")
+    parser.add_argument("--with-compile", action="store_true", help="also measure ddpo_fast with compile=true")
     parser.add_argument("--model", choices=["tiny", "sd15-random"], default="tiny",
                         help="built-in model (sd15-random: SD-1.5 shapes, random weights; ddpo_fast only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -200,9 +213,11 @@ def main() -> int:
     else:
         model_dir = args.model  # built in the trainer's process
     rows = []
-    for which in (["ours"] if args.skip_trl or args.model != "tiny" else ["ours", "trl"]):
+    runs = [("ours", [])] + ([("ours", ["compile=true"])] if args.with_compile else [])
+    runs += [] if args.skip_trl or args.model != "tiny" else [("trl", [])]
+    for which, extra in runs:
         cmd = [sys.executable, __file__, "--only", which, "--model-dir", model_dir, "--epochs", str(args.epochs),
-               *args.overrides]
+               *args.overrides, *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
@@ -210,11 +225,11 @@ def main() -> int:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     config = " ".join([*BAR, *args.overrides])
     flops_per_sample = unet_flops_per_sample(args.model, args.overrides)
-    peak = matmul_peak_flops(bar_config(args.overrides).mixed_precision)
+    peak = matmul_peak_flops(resolved_precision(args.overrides))
     print(f"model: {args.model}; config: {config}; epochs {args.epochs} (first one is warm-up)")
     print(f"UNet {flops_per_sample / 1e12:.4f} TFLOP per sample; measured matmul peak {peak / 1e12:.2f} TFLOP/s")
     print(f"{'trainer':<26}{'samples/s':>12}{'peak MB':>10}{'vs trl':>9}{'MFU':>8}{'reward first':>14}{'reward last':>13}")
-    base = rows[-1]["samples_per_s"] if len(rows) > 1 else None
+    base = rows[-1]["samples_per_s"] if rows[-1]["trainer"].startswith("trl") else None
     for r in rows:
         r["mfu"] = r["samples_per_s"] * flops_per_sample / peak
         ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"

@@ -97,3 +97,32 @@ def poisoned_main(argv: list[str]) -> None:
 
     train.Trainer.loss_fn = poisoned
     train.main(argv)
+
+
+_term_calls = 0
+
+
+def term_once_reward(images: torch.Tensor, prompts, metadata):
+    """JPEG compressibility; at call DDPO_TEST_TERM_AT (1-based) of rank DDPO_TEST_TERM_RANK (default 0)
+    sends SIGTERM to its own process, as a scheduler preempting the job would."""
+    global _term_calls
+    _term_calls += 1
+    if (_term_calls == int(os.environ.get("DDPO_TEST_TERM_AT", "0"))
+            and os.environ.get("RANK", "0") == os.environ.get("DDPO_TEST_TERM_RANK", "0")):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return jpeg_compressibility(images, prompts, metadata)
+
+
+def term_in_training_main(argv: list[str], epoch: int) -> int:
+    """The trainer, sent SIGTERM when the policy update of `epoch` starts (python -c entry point)."""
+    import ddpo_fast.train as train
+
+    original = train.Trainer.train_epoch
+
+    def train_epoch(self, e, *args):
+        if e == epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, e, *args)
+
+    train.Trainer.train_epoch = train_epoch
+    return train.cli(argv)
