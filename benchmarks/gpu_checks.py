@@ -1,15 +1,16 @@
 """The Python parts of benchmarks/gpu_suite.sh, one subcommand per job (each prints a last line
 `SUMMARY ...` that the suite's table shows):
 
-    python benchmarks/gpu_checks.py env --modules-file F   # versions, GPU, which optional packages import
-    python benchmarks/gpu_checks.py sanitize-probe         # every CUDA entry point once, small shapes
+    python benchmarks/gpu_checks.py env --env-file F       # versions, GPU, which optional packages import
+    python benchmarks/gpu_checks.py sanitize-probe         # every entry point once, small shapes
     python benchmarks/gpu_checks.py graph                  # a sampling step in a CUDA graph == eager, bit for bit
     python benchmarks/gpu_checks.py kernelbw CSV           # kernel bandwidth against a device-to-device copy
     python benchmarks/gpu_checks.py train-summary CSV      # one line from benchmarks/train.py's CSV
     python benchmarks/gpu_checks.py phase RUN_DIR...       # approx_kl / clipfrac of runs with frozen weights
     python benchmarks/gpu_checks.py triton-variants        # CPU only: Triton compiles of the suite's tests
 
-Only `env`, `phase`, `train-summary` and `triton-variants` run without a GPU.
+`env`, `phase`, `train-summary` and `triton-variants` run without a GPU; `sanitize-probe`, `graph` and
+`kernelbw` take --cpu-smoke (the suite's dry run): their op calls on the CPU, without the GPU parts.
 """
 from __future__ import annotations
 
@@ -28,50 +29,75 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# Packages some steps need that the GPU image may lack (carried as wheels in .whl/), and the
-# pytest plugin that spreads the tests' Triton compiles over processes (in the image already).
+# Packages that some steps need and the GPU image may lack (carried as wheels in .whl/): module -> wheel.
 OPTIONAL_MODULES = {"diffusers": "diffusers", "deepspeed": "deepspeed", "transformers": "transformers",
-                    "peft": "peft", "bert_score": "bert-score", "xdist": "pytest-xdist"}
+                    "peft": "peft", "bert_score": "bert-score"}
+
+
+def device_backends(args):
+    """The device and the fused backends a GPU subcommand runs. With --cpu-smoke (the suite's dry
+    run, no GPU): the CPU, with the C++ CPU backend and, under TRITON_INTERPRET=1, Triton's
+    interpreter, so that the subcommand's calls are checked without a GPU."""
+    import torch
+
+    from ddpo_fast.backends import _C, cuda_kernels_built, triton_available
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if args.cpu_smoke:
+        names = [n for n, ok in (("cpu", _C is not None), ("triton", triton_available() and interpret)) if ok]
+        return torch.device("cpu"), names
+    return torch.device("cuda"), [n for n, ok in (("cuda", cuda_kernels_built()), ("triton", triton_available())) if ok]
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---- env -----------------------------------------------------------------------------------------
 
 
 def cmd_env(args) -> int:
-    """Versions and the device; which optional packages import (written to --modules-file as
-    `name ok|missing detail` lines, read by the suite to skip the steps that need a missing one)."""
+    """Versions and the device; which optional packages import. With --env-file, writes `fact KEY
+    VALUE` and `module NAME ok VERSION` / `module NAME missing ERROR` lines, which the suite reads to
+    head its table and to skip the steps that need a missing package."""
     import torch
 
+    facts = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": str(torch.version.cuda)}
     print("python", sys.version.split()[0], sys.executable)
     print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
           "devices", torch.cuda.device_count())
     try:
         import triton
 
-        triton_version = triton.__version__
+        facts["triton"] = triton.__version__
     except Exception as e:  # noqa: BLE001
-        triton_version = f"not importable ({type(e).__name__})"
-    print("triton", triton_version)
-    gpu = "no GPU"
+        facts["triton"] = f"not importable ({type(e).__name__})"
+    print("triton", facts["triton"])
+    facts["gpu"] = "no GPU"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        gpu = p.name
+        facts["gpu"] = p.name
         print("device", p.name, "sm", f"{p.major}{p.minor}", "SMs", p.multi_processor_count, "memory GiB",
-              round(p.total_memory / 2**30, 1), "L2 MiB", round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
-    lines, missing = [], []
+              round(p.total_memory / 2**30, 1), "L2 MiB", round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
+              "devices", torch.cuda.device_count())
+    lines, missing = [f"fact {k} {v}" for k, v in facts.items()], []
     for module, dist in OPTIONAL_MODULES.items():
         start = time.perf_counter()
         try:
             mod = importlib.import_module(module)
             status = f"ok {getattr(mod, '__version__', '?')}"
         except Exception as e:  # noqa: BLE001  (an import may fail with anything, not only ImportError)
-            status = f"missing {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            status = f"missing {type(e).__name__}: {first}"
             missing.append(dist)
-        lines.append(f"{module} {status}")
+        lines.append(f"module {module} {status}")
         print(f"import {module:12s} {status} ({time.perf_counter() - start:.1f} s)")
-    if args.modules_file:
-        Path(args.modules_file).write_text("\n".join(lines) + "\n")
-    print(f"SUMMARY {gpu}; torch {torch.__version__}; triton {triton_version}"
+    if args.env_file:
+        Path(args.env_file).write_text("\n".join(lines) + "\n")
+    print(f"SUMMARY {facts['gpu']}; torch {facts['torch']}; triton {facts['triton']}"
           + (f"; missing: {', '.join(missing)}" if missing else "; all optional packages import"))
     return 0 if torch.cuda.is_available() or args.no_gpu_ok else 1
 
@@ -80,42 +106,46 @@ def cmd_env(args) -> int:
 
 
 def cmd_sanitize_probe(args) -> int:
-    """Every CUDA entry point once, on small shapes: both load paths, CFG, clipping, PPO, float64.
-    Run under compute-sanitizer (the suite's sanitize step): seconds, not minutes."""
+    """Every entry point of each backend once, on small shapes: both load paths (vectorised and
+    scalar), CFG, clipping, Philox and noise tensors, the PPO stage, float64. Run under
+    compute-sanitizer (the suite's sanitize step): seconds of work, not minutes."""
     import torch
 
     from ddpo_fast import ops
 
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    with ops.use_backend(args.backend):
-        for dtype, chw, cfg in ((torch.bfloat16, (4, 16, 16), True), (torch.float32, (3, 7, 5), False),
-                                (torch.float64, (2, 4, 8), True)):
-            B = 3
-            m = torch.randn((2 * B if cfg else B, *chw), dtype=dtype, device=dev, requires_grad=True)
-            x = torch.randn((B, *chw), dtype=dtype, device=dev)
-            cdt = torch.float64 if dtype == torch.float64 else torch.float32
-            a = torch.tensor([0.005, 0.5, 0.9983], dtype=cdt, device=dev)
-            p = torch.tensor([0.007, 0.6, 1.0], dtype=cdt, device=dev)
-            kw = dict(guidance_scale=7.5 if cfg else None, clip_sample_range=1.0, use_clipped_model_output=cfg)
-            prev, lp = ops.ddim_step_logprob(m, x, a, p, seed=1, offset=2, **kw)  # forward, Philox
-            (prev.float().sum() + lp.sum()).backward()  # backward
-            ops.ddim_step_logprob(m, x, a, p, noise=torch.randn_like(x), **kw)  # forward, noise tensor
-            lp2 = ops.ddim_step_logprob(m, x, a, p, prev_sample=prev.detach(), **kw)[1]  # log-prob only
-            old = lp2.detach() + 0.01
-            adv = torch.randn(B, dtype=cdt, device=dev)
-            loss, _ = ops.ddim_ppo_loss(m, x, prev.detach(), a, p, old, adv, clip_range=1e-4, adv_clip_max=5.0, **kw)
-            loss.backward()  # forward + PPO, backward
-            lpl = lp2.detach().clone().requires_grad_(True)
-            loss2, _ = ops.ppo_clip_loss(lpl, old, adv, 0.2, 5.0)  # PPO alone
-            loss2.backward()
-        # A misaligned sample (the scalar path) with a partial last chunk.
-        x = torch.randn(2 * 4100 + 1, device=dev)[1:].view(2, 4100)
-        m = torch.randn(2, 4100, device=dev)
-        ops.ddim_step_logprob(m, x, 0.3, 0.4, seed=3)
-    torch.cuda.synchronize()
-    print(f"SUMMARY probe done ({args.backend})")
-    return 0
+    dev, names = device_backends(args)
+    names = args.backends.split(",") if args.backends else names
+    for name in names:
+        torch.manual_seed(0)
+        with ops.use_backend(name):
+            for dtype, chw, cfg in ((torch.bfloat16, (4, 16, 16), True), (torch.float32, (3, 7, 5), False),
+                                    (torch.float64, (2, 4, 8), True)):
+                B = 3
+                m = torch.randn((2 * B if cfg else B, *chw), dtype=dtype, device=dev, requires_grad=True)
+                x = torch.randn((B, *chw), dtype=dtype, device=dev)
+                cdt = torch.float64 if dtype == torch.float64 else torch.float32
+                a = torch.tensor([0.005, 0.5, 0.9983], dtype=cdt, device=dev)
+                p = torch.tensor([0.007, 0.6, 1.0], dtype=cdt, device=dev)
+                kw = dict(guidance_scale=7.5 if cfg else None, clip_sample_range=1.0, use_clipped_model_output=cfg)
+                prev, lp = ops.ddim_step_logprob(m, x, a, p, seed=1, offset=2, **kw)  # forward, Philox
+                (prev.float().sum() + lp.sum()).backward()  # backward
+                ops.ddim_step_logprob(m, x, a, p, noise=torch.randn_like(x), **kw)  # forward, noise tensor
+                lp2 = ops.ddim_step_logprob(m, x, a, p, prev_sample=prev.detach(), **kw)[1]  # log-prob only
+                old = lp2.detach() + 0.01
+                adv = torch.randn(B, dtype=cdt, device=dev)
+                loss, _ = ops.ddim_ppo_loss(m, x, prev.detach(), a, p, old, adv, clip_range=1e-4, adv_clip_max=5.0,
+                                            **kw)
+                loss.backward()  # forward + PPO, backward
+                lpl = lp2.detach().clone().requires_grad_(True)
+                loss2, _ = ops.ppo_clip_loss(lpl, old, adv, 0.2, 5.0)  # PPO alone
+                loss2.backward()
+            # A misaligned sample (the CUDA kernels' scalar path) with a partial last chunk.
+            x = torch.randn(2 * 4100 + 1, device=dev)[1:].view(2, 4100)
+            m = torch.randn(2, 4100, device=dev)
+            ops.ddim_step_logprob(m, x, 0.3, 0.4, seed=3)
+        synchronize(dev)
+    print(f"SUMMARY probe: {' + '.join(names) or 'no backend'} on {dev}")
+    return 0 if names else 1
 
 
 # ---- graph ---------------------------------------------------------------------------------------
@@ -126,16 +156,18 @@ def cmd_graph(args) -> int:
     ddim_step_logprob with Philox noise and bf16 storage, the latents updated in place), captured in
     one CUDA graph and replayed; the replay's samples and log-probs must equal an eager run's bit for
     bit, for each backend. The model is a small convolutional stand-in (no diffusers needed): what is
-    checked is that the op's launches capture and replay exactly, next to real model work."""
+    checked is that the op's launches capture and replay exactly, next to real model work.
+    --cpu-smoke: the eager runs alone, on the CPU."""
     import torch
 
     from ddpo_fast import ops
-    from ddpo_fast.backends import cuda_kernels_built, triton_available
 
-    dev = torch.device("cuda")
+    dev, names = device_backends(args)
     torch.backends.cudnn.deterministic = True  # the same convolution algorithm eager and in the graph
     torch.backends.cudnn.benchmark = False
     B, chw, steps, guidance = 8, (4, 64, 64), 4, 5.0
+    if args.cpu_smoke:  # the calls, not the sizes, are what a CPU run checks
+        B, chw = 2, (4, 16, 16)
     gen = torch.Generator(device="cpu").manual_seed(1234)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 64, 3, padding=1), torch.nn.SiLU(),
                                 torch.nn.Conv2d(64, 4, 3, padding=1)).to(dev, torch.bfloat16).eval()
@@ -160,19 +192,28 @@ def cmd_graph(args) -> int:
             log_probs[i].copy_(lp)
             latents.copy_(prev)
 
-    names = [n for n, ok in (("cuda", cuda_kernels_built()), ("triton", triton_available())) if ok]
-    results, failed = [], False
+    results, failed = [], not names
     for name in names:
         with ops.use_backend(name), torch.no_grad():
             latents.copy_(x0)
             run_steps()  # warm-up (Triton compiles here, not in the capture)
-            torch.cuda.synchronize()
+            synchronize(dev)
             eager_traj, eager_lp = [], []
             for _ in range(2):  # eager twice: the op itself must be deterministic
                 latents.copy_(x0)
                 run_steps()
                 eager_traj.append(trajectory.clone())
                 eager_lp.append(log_probs.clone())
+            deterministic = torch.equal(eager_traj[0], eager_traj[1]) and torch.equal(eager_lp[0], eager_lp[1])
+            nontrivial = bool(torch.isfinite(eager_lp[0]).all()) and bool((eager_lp[0] != 0).all()) and not torch.equal(
+                eager_traj[0][-1], x0)
+            if args.cpu_smoke:
+                ok = deterministic and nontrivial
+                print(f"{name} on the CPU: eager deterministic: {deterministic}; "
+                      f"log-probs finite, non-zero: {nontrivial}")
+                results.append(f"{name} eager {'ok' if ok else 'NOT OK'}")
+                failed |= not ok
+                continue
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -188,9 +229,7 @@ def cmd_graph(args) -> int:
             graph.replay()
             torch.cuda.synchronize()
             same = torch.equal(trajectory, eager_traj[0]) and torch.equal(log_probs, eager_lp[0])
-            deterministic = torch.equal(eager_traj[0], eager_traj[1]) and torch.equal(eager_lp[0], eager_lp[1])
-            nontrivial = bool(torch.isfinite(log_probs).all()) and bool((log_probs != 0).all()) and not torch.equal(
-                trajectory[-1], x0)
+            diff = (trajectory.float() - eager_traj[0].float()).abs().max().item()
             # Time per step: eager against replay (launch overhead is what a graph removes).
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             timings = {}
@@ -206,14 +245,10 @@ def cmd_graph(args) -> int:
             del graph
         ok = same and deterministic and nontrivial
         failed |= not ok
-        diff = (trajectory.float() - eager_traj[0].float()).abs().max().item()
         print(f"{name}: replay == eager: {same} (max |diff| {diff:.3g}); eager deterministic: {deterministic}; "
               f"log-probs finite and non-zero: {nontrivial}; per step (model + op): eager {timings['eager']:.0f} us, "
               f"graph replay {timings['graph']:.0f} us")
-        results.append(f"{name} {'bit-equal' if same else 'DIFFERENT'}")
-    if not names:
-        print("no GPU backend available")
-        failed = True
+        results.append(f"{name} {'bit-equal' if same else 'DIFFERENT'}" + ("" if ok else " (NOT OK)"))
     print(f"SUMMARY {', '.join(results) or 'no backend'} ({steps} CFG steps, Philox, bf16 storage)")
     return 1 if failed else 0
 
@@ -235,8 +270,7 @@ def cmd_kernelbw(args) -> int:
     from ddpo_fast import backends
     from ddpo_fast.backends import DdimCall
 
-    dev = torch.device("cuda")
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+    dev, names = device_backends(args)
     size_of = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
     def make_case(runner, kind, B, N, dtype, cfg):
@@ -297,6 +331,17 @@ def cmd_kernelbw(args) -> int:
                       if pattern in e.name and str(getattr(e, "device_type", "CUDA")).endswith("CUDA"))
         return durs[len(durs) // 2] if durs else float("nan")
 
+    def make_row(backend, label, nbytes, k_us, fin_us, step_s, copy_k_us, copy_s):
+        """One CSV row: times (kernel and copy from the profiler, step and copy step from graph replay)
+        and the bandwidths they give for `nbytes`."""
+        row = dict(backend=backend, case=label, bytes=nbytes, kernel_us=k_us, finalize_us=fin_us,
+                   step_us=step_s * 1e6, kernel_GBps=nbytes / (k_us * 1e-6) / 1e9 if k_us == k_us else float("nan"),
+                   step_GBps=nbytes / step_s / 1e9, copy_us=copy_k_us, copy_step_us=copy_s * 1e6,
+                   copy_GBps=nbytes / (copy_k_us * 1e-6) / 1e9 if copy_k_us == copy_k_us else nbytes / copy_s / 1e9)
+        row["kernel_vs_copy"] = row["kernel_GBps"] / row["copy_GBps"]
+        row["step_vs_copy"] = row["step_GBps"] / (nbytes / copy_s / 1e9)
+        return row
+
     def rotation(nbytes):
         return max(2, math.ceil(3 * l2 / nbytes))
 
@@ -319,15 +364,9 @@ def cmd_kernelbw(args) -> int:
         copy_k_us = profiled_us(cfns, "Memcpy")
         if math.isnan(copy_k_us):
             copy_k_us = profiled_us(cfns, "copy")
-        row = dict(backend=backend, case=label, bytes=nbytes, kernel_us=k_us, finalize_us=fin_us,
-                   step_us=step_s * 1e6, kernel_GBps=nbytes / (k_us * 1e-6) / 1e9 if k_us == k_us else float("nan"),
-                   step_GBps=nbytes / step_s / 1e9, copy_us=copy_k_us, copy_step_us=copy_s * 1e6,
-                   copy_GBps=nbytes / (copy_k_us * 1e-6) / 1e9 if copy_k_us == copy_k_us else nbytes / copy_s / 1e9)
-        row["kernel_vs_copy"] = row["kernel_GBps"] / row["copy_GBps"]
-        row["step_vs_copy"] = row["step_GBps"] / (nbytes / copy_s / 1e9)
         del sets, copies
         torch.cuda.empty_cache()
-        return row
+        return make_row(backend, label, nbytes, k_us, fin_us, step_s, copy_k_us, copy_s)
 
     def big_copy_GBps(megabytes=1024):
         src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=dev)
@@ -346,18 +385,26 @@ def cmd_kernelbw(args) -> int:
         ("sample fp32 B256", "sample", 256, N, torch.float32, False),
     ]
     # Triton: the training dtype's cases only (each new case is a cold compile).
-    triton_cases = [c for c in cases if c[4] == torch.bfloat16]
-    plan = [("cuda", c) for c in cases] if backends.cuda_kernels_built() else []
-    plan += [("triton", c) for c in triton_cases] if backends.triton_available() and args.triton else []
-    print(f"device: {torch.cuda.get_device_name(0)}; large copy (1 GiB, read+write): {big_copy_GBps():.0f} GB/s")
+    plan = [(name, c) for name in names for c in cases if name != "triton" or (args.triton and c[4] == torch.bfloat16)]
     rows = []
-    for backend, case in plan:
-        try:
-            rows.append(measure(backend, *case))
-        except Exception as e:  # noqa: BLE001
-            print(f"{backend} {case[0]}: FAILED {type(e).__name__}: {e}")
+    if args.cpu_smoke:  # each case's calls once, small, on the CPU; made-up times for the report below
+        for backend, (label, kind, B, N, dtype, cfg) in plan:
+            call, fn, nbytes = make_case(backends.runner(backend), kind, 2, 4 * 8 * 8, dtype, cfg)
+            fn(call)
+            out = {"sample": call.prev_sample, "logprob": call.log_prob}.get(kind, call.grad_model_output)
+            assert torch.isfinite(out.float()).all(), (backend, label)
+            rows.append(make_row(backend, label, nbytes, 1.0, 1.0, 2e-6, 1.0, 2e-6))
+        print(f"{len(plan)} cases ran once on the CPU ({', '.join(names)}); the report has made-up times")
+    else:
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+        print(f"device: {torch.cuda.get_device_name(0)}; large copy (1 GiB, read+write): {big_copy_GBps():.0f} GB/s")
+        for backend, case in plan:
+            try:
+                rows.append(measure(backend, *case))
+            except Exception as e:  # noqa: BLE001
+                print(f"{backend} {case[0]}: FAILED {type(e).__name__}: {e}")
     cols = ["backend", "case", "bytes", "kernel_us", "finalize_us", "step_us", "kernel_GBps", "copy_us", "copy_GBps",
-            "kernel_vs_copy", "step_GBps", "step_vs_copy"]
+            "kernel_vs_copy", "step_GBps", "copy_step_us", "step_vs_copy"]
     print(" | ".join(f"{c:>12}" if i > 1 else f"{c:<30}" if i else f"{c:<7}" for i, c in enumerate(cols)))
     for r in rows:
         print(" | ".join(
@@ -368,7 +415,7 @@ def cmd_kernelbw(args) -> int:
         w.writeheader()
         w.writerows(rows)
     parts = []
-    for backend in ("cuda", "triton"):
+    for backend in names:
         mine = [r for r in rows if r["backend"] == backend and r["kernel_vs_copy"] == r["kernel_vs_copy"]]
         if not mine:
             continue
@@ -390,8 +437,9 @@ def cmd_train_summary(args) -> int:
     with open(args.csv) as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        print(f"{r['trainer']} model={r['model']} epochs={r['epochs']}: {float(r['samples_per_s']):.2f} samples/s, "
-              f"peak {float(r['peak_memory_mb']) / 1024:.1f} GiB, MFU {float(r['mfu']):.1%}")
+        first = f", first (warm-up) epoch {float(r['first_epoch_s']):.0f} s" if r.get("first_epoch_s") else ""
+        print(f"{r['trainer']} model={r.get('model')} epochs={r.get('epochs')}: {float(r['samples_per_s']):.2f} "
+              f"samples/s, peak {float(r['peak_memory_mb']) / 1024:.1f} GiB, MFU {float(r['mfu']):.1%}{first}")
     r = rows[0]
     print(f"SUMMARY {float(r['samples_per_s']):.2f} samples/s, peak {float(r['peak_memory_mb']) / 1024:.1f} GiB, "
           f"MFU {float(r['mfu']):.1%}")
@@ -411,11 +459,16 @@ def cmd_phase(args) -> int:
             parts.append(f"{label}: no metrics")
             continue
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not records:
+            parts.append(f"{label}: no epochs")
+            continue
+        nan = float("nan")
         for r in records:
-            print(f"{label} epoch {r['epoch']}: approx_kl {r['approx_kl']:.3g} clipfrac {r['clipfrac']:.3g} "
-                  f"loss {r['loss']:.3g} samples/s {r['samples_per_s']:.2f}")
-        kl = max(r["approx_kl"] for r in records)
-        clip = max(r["clipfrac"] for r in records)
+            print(f"{label} epoch {r.get('epoch')}: approx_kl {r.get('approx_kl', nan):.3g} "
+                  f"clipfrac {r.get('clipfrac', nan):.3g} loss {r.get('loss', nan):.3g} "
+                  f"samples/s {r.get('samples_per_s', nan):.2f}")
+        kl = max(r.get("approx_kl", nan) for r in records)
+        clip = max(r.get("clipfrac", nan) for r in records)
         parts.append(f"{label}: approx_kl {kl:.2g}, clipfrac {clip:.2g}")
     print("SUMMARY max over epochs: " + "; ".join(parts))
     return 0
@@ -427,13 +480,16 @@ _RECORDER = '''
 """pytest plugin (written by benchmarks/gpu_checks.py triton-variants): the Triton backend's entry
 points record what each launch would compile on a GPU, then compute with the C++ CPU backend."""
 import atexit, json, os
+import pytest
 import torch
 from ddpo_fast import backends
 from ddpo_fast.kernels import ddim as tk
 
 NO_SPECIALIZE = set(tk._SCALAR_ARGS) | {"clip_bits", "advmax_bits"}  # the kernels' do_not_specialize
 cpu = backends.runner("cpu")
-seen = {}
+keys_of = {}  # test -> the variant keys its launches need
+slot_of = {}  # test -> its slot in the suite's sharding (tests/conftest.py, DDPO_FAST_GPU_SHARD)
+current = ["?"]
 
 
 def spec(name, value):
@@ -446,23 +502,31 @@ def spec(name, value):
     return "=1" if value == 1 else width + (":16" if value % 16 == 0 else "")
 
 
-def record(launches, test):
-    for launch in launches:
-        key = json.dumps([launch.kernel.__name__, {k: spec(k, v) for k, v in launch.args.items()},
-                          {k: str(v) for k, v in launch.constexprs.items()}, launch.num_warps], sort_keys=True)
-        seen.setdefault(key, test)
-
-
-current = ["?"]
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Slots as the suite's sharding gives them (over every focused item), then the Triton items only."""
+    families, others = {}, 0
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params or {}
+        if params.get("backend") == "triton" and "case" in params:
+            slot = families.setdefault((str(params.get("dtype")), params["case"]), len(families))
+        else:
+            slot, others = others, others + 1
+        slot_of[item.nodeid] = slot
+    items[:] = [i for i in items if "[triton" in i.nodeid]
 
 
 def pytest_runtest_setup(item):
     current[0] = item.nodeid
+    keys_of.setdefault(item.nodeid, [])
 
 
 def patched(entry, build):
     def run(call):
-        record(build(call, tk.GPU_CONFIG), current[0])
+        for launch in build(call, tk.GPU_CONFIG):
+            key = json.dumps([launch.kernel.__name__, {k: spec(k, v) for k, v in launch.args.items()},
+                              {k: str(v) for k, v in launch.constexprs.items()}, launch.num_warps], sort_keys=True)
+            keys_of.setdefault(current[0], []).append(key)
         getattr(cpu, entry)(call)
     return run
 
@@ -475,7 +539,7 @@ tk.ppo = patched("ppo", tk.ppo_launches)
 @atexit.register
 def dump():
     with open(os.environ["VARIANTS_OUT"], "w") as f:
-        json.dump(seen, f)
+        json.dump({"keys": {t: sorted(set(k)) for t, k in keys_of.items()}, "slots": slot_of}, f)
 '''
 
 
@@ -484,7 +548,10 @@ def cmd_triton_variants(args) -> int:
     the DDPO_FAST_GPU_FOCUS selection of tests/test_cuda.py (triton items), run on a copy whose tensors
     live on the CPU, with the Triton entry points replaced by a recorder of each launch's
     specialization key (kernel, argument types, 16-byte divisibility, values 1, constexprs, warps) that
-    then computes with the C++ CPU backend. An estimate: Triton's own key has the same parts."""
+    then computes with the C++ CPU backend; and how they fall on the suite's DDPO_FAST_GPU_SHARD
+    processes (each compiles what its tests need that no other process has cached yet). An
+    estimate: Triton's own key has the same parts. The time uses --seconds-per-variant, the mean
+    measured by tests/test_triton_aot.py for these kernels on a 2-core machine (Triton 3.9)."""
     src = (REPO / "tests" / "test_cuda.py").read_text()
     edits = {'DEVICE = torch.device("cuda")': 'DEVICE = torch.device("cpu")',
              'pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")':
@@ -499,25 +566,40 @@ def cmd_triton_variants(args) -> int:
         Path(tmp, "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
         Path(tmp, "record_triton_variants.py").write_text(_RECORDER)
         out = Path(tmp, "variants.json")
-        env = {**os.environ, "DDPO_FAST_GPU_FOCUS": "1", "TRITON_INTERPRET": "1", "VARIANTS_OUT": str(out),
-               "PYTHONPATH": os.pathsep.join([tmp, str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env = {k: v for k, v in os.environ.items() if k != "DDPO_FAST_GPU_SHARD"}
+        env.update({"DDPO_FAST_GPU_FOCUS": "1", "TRITON_INTERPRET": "1", "VARIANTS_OUT": str(out),
+                    "PYTHONPATH": os.pathsep.join([tmp, str(REPO), os.environ.get("PYTHONPATH", "")])})
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "record_triton_variants",
-               "--rootdir", tmp, "-c", os.devnull, str(Path(tmp, "test_cuda.py")), "-k", "triton"]
+               "--rootdir", tmp, "-c", os.devnull, str(Path(tmp, "test_cuda.py"))]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=args.timeout)
-        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n")
         if not out.is_file():
             print("no variants recorded")
             return 1
-        seen = json.loads(out.read_text())
+        recorded = json.loads(out.read_text())
+    keys_of, slots = recorded["keys"], recorded["slots"]
+    every = set().union(*keys_of.values()) if keys_of else set()
     by_kernel: dict[str, int] = {}
-    for key in seen:
+    for key in every:
         kernel = json.loads(key)[0]
         by_kernel[kernel] = by_kernel.get(kernel, 0) + 1
+    print(f"{len(keys_of)} triton tests; {len(every)} distinct variants "
+          f"({', '.join(f'{k} {n}' for k, n in sorted(by_kernel.items()))})")
+    per = args.seconds_per_variant
+    print(f"one process: {len(every)} compiles, ~{len(every) * per:.0f} s at {per} s each")
+    for n in args.shards:
+        shards = [set() for _ in range(n)]
+        for test, keys in keys_of.items():
+            shards[slots[test] % n].update(keys)
+        sizes = sorted(len(s) for s in shards)
+        print(f"{n} processes: compiles per process {sizes[0]}-{sizes[-1]} (sum {sum(sizes)}: "
+              f"{sum(sizes) / max(len(every), 1):.2f}x the distinct variants at most, less where a process finds "
+              f"one already in the shared cache); the busiest ~{sizes[-1] * per:.0f} s")
     tests = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "?"
-    print(f"SUMMARY {len(seen)} Triton variants ({', '.join(f'{k} {n}' for k, n in sorted(by_kernel.items()))}) "
-          f"for the focused triton tests ({tests}; {time.perf_counter() - start:.0f} s on the CPU)")
-    return proc.returncode
+    print(f"SUMMARY {len(every)} Triton variants for {len(keys_of)} focused triton tests ({tests}; "
+          f"{time.perf_counter() - start:.0f} s on the CPU)")
+    return 0 if every else 1
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -527,17 +609,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("env", help=cmd_env.__doc__.split("\n")[0])
-    p.add_argument("--modules-file", help="where to write `module ok|missing ...` lines")
+    p.add_argument("--env-file", help="where to write `fact KEY VALUE` and `module NAME ok|missing ...` lines")
     p.add_argument("--no-gpu-ok", action="store_true", help="exit 0 without a GPU (the dry run)")
     p.set_defaults(fn=cmd_env)
-    p = sub.add_parser("sanitize-probe", help="every CUDA entry point once on small shapes")
-    p.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
+    p = sub.add_parser("sanitize-probe", help="every entry point of each backend once, small shapes")
+    p.add_argument("--backends", default="", help="comma-separated (default: cuda and triton when available)")
+    p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the calls on the CPU (dry run)")
     p.set_defaults(fn=cmd_sanitize_probe)
     p = sub.add_parser("graph", help="a sampling step captured in a CUDA graph == eager, bit for bit")
+    p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the calls on the CPU (dry run)")
     p.set_defaults(fn=cmd_graph)
     p = sub.add_parser("kernelbw", help="kernel bandwidth against a device-to-device copy")
     p.add_argument("csv", help="CSV output")
     p.add_argument("--no-triton", dest="triton", action="store_false", help="the CUDA kernels alone")
+    p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the calls on the CPU (dry run)")
     p.set_defaults(fn=cmd_kernelbw)
     p = sub.add_parser("train-summary", help="one line from benchmarks/train.py's CSV")
     p.add_argument("csv")
@@ -547,6 +632,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_phase)
     p = sub.add_parser("triton-variants", help="CPU only: Triton variants the suite's tests compile")
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--shards", type=int, nargs="*", default=[4, 8, 12], help="process counts to show")
+    p.add_argument("--seconds-per-variant", type=float, default=0.63)
     p.set_defaults(fn=cmd_triton_variants)
     args = parser.parse_args(argv)
     return args.fn(args)

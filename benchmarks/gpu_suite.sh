@@ -1,416 +1,529 @@
 #!/usr/bin/env bash
-# The GPU suite: on a machine with an NVIDIA GPU (the lent H100/H200: torch, triton, nvcc,
-# compute-sanitizer, no internet), build ddpo_fast for sm_90, run the tests (GPU tests included),
-# run compute-sanitizer over every CUDA entry point, run the op benchmarks and measure the kernels'
-# bandwidth against a device-to-device copy. Logs go under $OUT; a short
-# summary table is printed last (and written to $OUT/summary.txt). Default OUT: /tmp/ddpo_gpu_suite.
+# The GPU suite: every GPU check of ddpo_fast in ONE call of the device tool (one H200, torch +
+# triton + nvcc + compute-sanitizer preinstalled, no internet), in under 8 minutes from a fresh
+# machine. Steps, in order; each is cut off at what is left of a global budget (later steps keep a
+# reserve), so the summary table always prints, and what gets no time is SKIPped and named:
 #
-#   bash benchmarks/gpu_suite.sh                      # every step
-#   bash benchmarks/gpu_suite.sh build test           # some steps: env build test sanitize bench kernelbw
-#   bash benchmarks/gpu_suite.sh env rewards          # the paper-size reward benchmark (not a default step)
+#   env       GPU, driver, torch / triton / nvcc versions; the wheels of .whl/ installed (see below);
+#             which of diffusers, deepspeed, transformers, peft import                              ~15 s
+#   build     pip install --no-build-isolation --no-deps -e . with DDPO_FAST_CUDA=1,
+#             DDPO_FAST_CUDA_ARCHS=90 and CMAKE_BUILD_PARALLEL_LEVEL = the cores; checks
+#             ddpo_fast._C.built_with_cuda()                                                         ~45 s
+#   test      tests/test_cuda.py under DDPO_FAST_GPU_FOCUS=1 (tests/conftest.py: every case x dtype on
+#             the SD latent at batch 3, the odd 4x17x23 shape once per backend and test, and the
+#             launch mechanics: graph capture, no host sync, side stream, misaligned pointers,
+#             determinism, bad arguments, float64, gradcheck on two cases; 450 of 1,682 items) for
+#             the cuda and triton backends, plus tests/test_triton_device.py (its two-GPU test skips
+#             on one GPU). The ~280 Triton variants this compiles from a cold cache (counted on a
+#             CPU by `python benchmarks/gpu_checks.py triton-variants`; ~0.6 CPU-s each, 175 s in one
+#             process) are spread over min(12, cores - 4) pytest processes (DDPO_FAST_GPU_SHARD):
+#             the busiest compiles ~36                                                             ~50-80 s
+#   sanitize  compute-sanitizer memcheck, racecheck and initcheck, run at once, over a probe that
+#             calls every entry point of both backends on small shapes                              ~30-60 s
+#   graph     a 4-step CFG sampling loop (bf16 conv stand-in + the fused ddim_step_logprob, Philox
+#             noise, bf16 storage) captured in a CUDA graph: replay == eager bit for bit, per backend ~20 s
+#   kernelbw  the step kernels' bandwidth against a device-to-device copy (rotating buffers over L2);
+#             target >= 0.80 of copy                                                                ~40 s
+#   e2e       python benchmarks/train.py --model sd15-random --epochs 3 --skip-trl (SD-1.5 shapes,
+#             random weights, bf16, full finetune, CFG: samples/s, peak memory, MFU), then the phase
+#             consistency of a tiny run with frozen weights (approx_kl, clipfrac), again with
+#             compile=true when >= 100 s are left                                                  ~120-200 s
+#   Total: ~5.5-7.5 minutes; SUITE_BUDGET_S (460 s, plus <= 10 s to stop a step and print) bounds it.
 #
-# Everything may not fit in one 10-minute device call: then split it, e.g. `env build test` and
-# `build sanitize bench kernelbw` (the build is incremental while the machine stays warm).
+# Optional steps (not run by default; each wants most of a call): bench (benchmarks/ops.py --device
+# cuda), rewards (the paper-size rewards).
 #
-# Environment: OUT (log folder), PYTHON (default python3), SUITE_BUDGET_S (seconds for the whole run,
-# default 570: each step is cut off at what is left so that the summary always prints; the device
-# tool allows 600 s per command), DDPO_FAST_CUDA_ARCHS (default 90), PYTEST_ARGS (default "tests").
-# Wheels in .whl/ (made by ../shared/device/prepare-wheels.sh) are installed into /tmp/site first.
-# Files under $OUT (8 at most, for the device tool): build.log test.log sanitize.log bench.log
-# kernelbw.log bench_ops.csv kernelbw.csv summary.txt (rewards.log with the rewards step).
+# How to run it with the device tool (one call):
+#   1. Here, once, from the project root: `../shared/device/prepare-wheels.sh` puts the wheels the GPU
+#      image lacks (diffusers, deepspeed, bert-score and their missing dependencies, ~11 MB) into
+#      .whl/ and makes .whl/ git-ignored through .git/info/exclude. Nothing else needs carrying: the
+#      test step uses plain pytest processes, no pytest-xdist.
+#   2. Check it here, without a GPU (~40 s): `bash benchmarks/gpu_suite.sh --dry-run`.
+#   3. device `run`: command `bash benchmarks/gpu_suite.sh`, timeout_s 600, carry [".whl"].
+#      Without .whl the suite still runs; the step that needs diffusers (e2e) is SKIPped, saying so.
+#   4. Copy the table (printed last, also in $OUT/summary.txt) into BENCHMARKS.md.
+#
+#   bash benchmarks/gpu_suite.sh                 # every default step
+#   bash benchmarks/gpu_suite.sh test graph      # some steps (the built _C stays while the machine is warm)
+#   bash benchmarks/gpu_suite.sh --dry-run       # no GPU: each step's commands, scripts and imports exist
+#
+# Environment: OUT (log folder, default /tmp/ddpo_gpu_suite), PYTHON (default python3; the dry run
+# takes .venv/bin/python when there is one), SUITE_BUDGET_S (seconds for the whole run, default 460:
+# under 8 minutes with the summary), TEST_PROCESSES (default min(12, cores - 4)),
+# DDPO_FAST_CUDA_ARCHS (default 90).
+# Files under $OUT (8, the most the device tool brings back): build.log (env + build), test.log,
+# sanitize.log, graph.log, kernelbw.log, kernelbw.csv, e2e.log, summary.txt (bench.log / rewards.log
+# with those steps).
 set -u
 cd "$(dirname "$0")/.." || exit 1
-OUT="${OUT:-/tmp/ddpo_gpu_suite}"
+
+DRY_RUN=0
+ARGS=()
+for arg in "$@"; do
+  if [ "$arg" = --dry-run ]; then DRY_RUN=1; else ARGS+=("$arg"); fi
+done
+if [ "$DRY_RUN" = 1 ]; then OUT="${OUT:-/tmp/ddpo_gpu_suite_dry}"; else OUT="${OUT:-/tmp/ddpo_gpu_suite}"; fi
 mkdir -p "$OUT"
+rm -f "$OUT"/{build,test,sanitize,graph,kernelbw,e2e,bench,rewards}.log "$OUT"/kernelbw.csv "$OUT"/summary.txt
 PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1
+if [ -z "${PYTHON:-}" ] && [ "$DRY_RUN" = 1 ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+export PYTHONUNBUFFERED=1 DDPO_FAST_NO_PROGRESS=1
 export DDPO_FAST_CUDA_ARCHS="${DDPO_FAST_CUDA_ARCHS:-90}"
+CORES=$(nproc 2>/dev/null || echo 4)
 SUITE_START=$(date +%s)
-DEADLINE=$((SUITE_START + ${SUITE_BUDGET_S:-570}))
-NOTE_FILE=$(mktemp)
+BUDGET=${SUITE_BUDGET_S:-460}
+DEADLINE=$((SUITE_START + BUDGET))
+STATE=$(mktemp -d /tmp/ddpo_gpu_suite_state.XXXXXX)  # scratch: not under $OUT (8 files at most there)
+NOTE_FILE="$STATE/note"
+ENV_FILE="$STATE/env.txt"  # `module NAME ok|missing ...` and `fact KEY VALUE` lines from gpu_checks.py env
+TEST_PATHS=(tests/test_cuda.py tests/test_triton_device.py)
 
-ALL_STEPS=(env build test sanitize bench kernelbw)
-if [ $# -gt 0 ]; then STEPS=("$@"); else STEPS=("${ALL_STEPS[@]}"); fi
+ALL_STEPS=(env build test sanitize graph kernelbw e2e)
+if [ ${#ARGS[@]} -gt 0 ]; then STEPS=("${ARGS[@]}"); else STEPS=("${ALL_STEPS[@]}"); fi
 
-declare -a R_NAME=() R_STATUS=() R_SECS=() R_NOTE=()
+# Per step: the most it may take (cap, s), and what it keeps for itself against earlier steps running
+# long (reserve, s): a step gets min(cap, time left - the reserves of the steps still to come).
+declare -A CAP=([env]=60 [build]=180 [test]=240 [sanitize]=150 [graph]=90 [kernelbw]=120 [e2e]=330
+                [bench]=300 [rewards]=560)
+declare -A RESERVE=([env]=10 [build]=40 [test]=60 [sanitize]=30 [graph]=15 [kernelbw]=30 [e2e]=150
+                    [bench]=60 [rewards]=60)
+declare -A LOG=([env]=build.log [build]=build.log [test]=test.log [sanitize]=sanitize.log [graph]=graph.log
+                [kernelbw]=kernelbw.log [e2e]=e2e.log [bench]=bench.log [rewards]=rewards.log)
 
-note() { printf '%s' "$*" > "$NOTE_FILE"; }
+declare -a R_NAME=() R_STATUS=() R_SECS=() R_NOTE=() NO_TIME=()
+STEP_START=0 STEP_LEFT=0
 
-# run_step NAME LOGFILE FUNCTION: runs FUNCTION with its output appended to LOGFILE, under the time
-# that is left, and records status, seconds and the note the function left.
+note() { printf '%s' "$*" | tr '|\n' '/ ' > "$NOTE_FILE"; }  # one line, no '|' (a table cell)
+add_note() { local old; old=$(cat "$NOTE_FILE"); note "${old:+$old; }$*"; }
+
+# run_step NAME: runs step_NAME (dry_NAME with --dry-run), its output appended to $OUT/LOG[NAME],
+# under the time that is left; records status, seconds and the note the function left. A function
+# returns 0 (ok), 77 (SKIP: a reason in the note), 124 or 137 (TIMEOUT), anything else (FAIL).
 run_step() {
-  local name=$1 log=$2 fn=$3
-  local now left start rc status
-  now=$(date +%s)
-  left=$((DEADLINE - now - 15))
+  local name=$1 fn later=0 s left rc status found=0
+  for s in "${STEPS[@]}"; do  # the reserves of the steps after this one (env, short, always runs)
+    if [ "$found" = 1 ] && [ "$name" != env ]; then later=$((later + ${RESERVE[$s]:-0})); fi
+    [ "$s" = "$name" ] && found=1
+  done
+  left=$((DEADLINE - $(date +%s) - later))
+  [ "$left" -gt "${CAP[$name]}" ] && left=${CAP[$name]}
   : > "$NOTE_FILE"
-  if [ "$left" -lt 20 ]; then
-    R_NAME+=("$name"); R_STATUS+=("SKIP"); R_SECS+=(0); R_NOTE+=("no time left in SUITE_BUDGET_S")
-    echo "=== [$name] skipped: no time left"
+  if [ "$DRY_RUN" = 0 ] && [ "$left" -lt 15 ]; then
+    R_NAME+=("$name"); R_STATUS+=("SKIP"); R_SECS+=(0); R_NOTE+=("no time left in SUITE_BUDGET_S=$BUDGET")
+    NO_TIME+=("$name")
+    echo "=== [$name] SKIP: no time left"
     return
   fi
+  if [ "$DRY_RUN" = 1 ]; then fn="dry_$name"; else fn="step_$name"; fi
+  local log="$OUT/${LOG[$name]}"
   echo "=== [$name] $(date -u +%H:%M:%S) (log: $log, at most ${left}s)"
-  start=$(date +%s)
+  STEP_START=$(date +%s) STEP_LEFT=$left
   {
-    echo "=== [$name] $(date -u) ==="
-    STEP_LEFT=$left "$fn"
+    echo "=== [$name] $(date -u) (at most ${left}s) ==="
+    "$fn"
   } >> "$log" 2>&1
   rc=$?
-  if [ "$rc" -eq 0 ]; then status=ok; elif [ "$rc" -eq 124 ]; then status=TIMEOUT; else status=FAIL; fi
-  R_NAME+=("$name"); R_STATUS+=("$status"); R_SECS+=($(( $(date +%s) - start ))); R_NOTE+=("$(cat "$NOTE_FILE")")
-  echo "=== [$name] $status (rc=$rc) after $(( $(date +%s) - start ))s"
-  tail -n 5 "$log" | sed 's/^/    /'
+  case $rc in
+    0) status=ok ;;
+    77) status=SKIP ;;
+    124 | 137) status=TIMEOUT; add_note "cut off after ${left}s" ;;
+    *) status=FAIL ;;
+  esac
+  # A failure without a note: the log's last line says most.
+  [ "$status" != ok ] && [ ! -s "$NOTE_FILE" ] && note "$(grep -v '^ *$' "$log" | tail -n 1 | cut -c1-200)"
+  R_NAME+=("$name"); R_STATUS+=("$status"); R_SECS+=($(($(date +%s) - STEP_START))); R_NOTE+=("$(cat "$NOTE_FILE")")
+  echo "=== [$name] $status (rc=$rc) after $(($(date +%s) - STEP_START))s: $(cat "$NOTE_FILE")"
+  tail -n 4 "$log" | sed 's/^/    /'
 }
 
-# t SECONDS CMD...: a command cut off at min(SECONDS, what is left of the step).
+# t SECONDS CMD...: CMD cut off at min(SECONDS, what is left of the step). timeout signals its
+# whole process group, so the trainer's subprocesses end with it.
 t() {
-  local cap=$1; shift
-  local left=$((STEP_LEFT - ($(date +%s) - STEP_START)))
+  local cap=$1 left
+  shift
+  left=$((STEP_LEFT - ($(date +%s) - STEP_START)))
   [ "$cap" -gt "$left" ] && cap=$left
   [ "$cap" -lt 5 ] && cap=5
   timeout --signal=TERM --kill-after=10 "$cap" "$@"
 }
 
+step_time_left() { echo $((STEP_LEFT - ($(date +%s) - STEP_START))); }
+
+# The env facts and module checks, made once (by the env step, or on first need).
+env_facts() {
+  [ -s "$ENV_FILE" ] \
+    || timeout 120 "$PY" benchmarks/gpu_checks.py env --no-gpu-ok --env-file "$ENV_FILE" > /dev/null 2>&1
+}
+module_ok() { env_facts; grep -q "^module $1 ok" "$ENV_FILE"; }
+fact() { env_facts; sed -n "s/^fact $1 //p" "$ENV_FILE" | head -n 1; }
+
+# ---- Wheels ----------------------------------------------------------------------------------------
+# The GPU image lacks diffusers / deepspeed / bert-score: they travel as wheels in .whl/ (carry it) and
+# go into /tmp/site, first on PYTHONPATH. The dry run checks them for Python 3.12 instead.
+WHEEL_NOTE="no .whl/: make it with ../shared/device/prepare-wheels.sh and carry .whl"
+N_WHEELS=$(find .whl -maxdepth 1 -type f -name '*.whl' 2> /dev/null | wc -l)
+if [ "$DRY_RUN" = 0 ] && [ "$N_WHEELS" -gt 0 ]; then
+  echo "=== installing $N_WHEELS wheels from .whl into /tmp/site" | tee -a "$OUT/build.log"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl >> "$OUT/build.log" 2>&1; then
+    WHEEL_NOTE="$N_WHEELS wheels installed"
+  else
+    WHEEL_NOTE="installing $N_WHEELS wheels FAILED (build.log)"
+  fi
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 # ---- Steps -----------------------------------------------------------------------------------------
 
 step_env() {
-  STEP_START=$(date +%s)
   nvidia-smi || true
   nvcc --version || true
-  command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true
-  "$PY" - <<'EOF'
-import sys
-print("python", sys.version.split()[0], sys.executable)
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", p.name, "SMs", p.multi_processor_count, "memory GiB", round(p.total_memory / 2**30, 1))
-try:
-    import triton
-    print("triton", triton.__version__)
-except Exception as e:  # noqa: BLE001
-    print("triton: not importable:", e)
-EOF
-  note "$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)"
-  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
-    note "torch sees no GPU"; return 1; }
+  command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null || true
+  echo "wheels: $WHEEL_NOTE"
+  t 90 "$PY" benchmarks/gpu_checks.py env --env-file "$ENV_FILE"
+  local rc=$?
+  local modules
+  modules=$(awk '$1 == "module" { printf "%s%s %s", sep, $2, $3; sep = ", " }' "$ENV_FILE" 2> /dev/null)
+  local driver nvcc_version
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null | head -n 1)
+  nvcc_version=$(nvcc --version 2> /dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+  note "$(fact gpu), driver ${driver:-?}; torch $(fact torch), triton $(fact triton), nvcc ${nvcc_version:-?};" \
+    "$WHEEL_NOTE; $modules"
+  return $rc
 }
 
 step_build() {
-  STEP_START=$(date +%s)
-  echo "DDPO_FAST_CUDA=1 DDPO_FAST_CUDA_ARCHS=$DDPO_FAST_CUDA_ARCHS pip install --no-build-isolation --no-deps -e ."
-  local start=$(date +%s)
-  DDPO_FAST_CUDA=1 t 480 "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . || {
-    note "pip install -e . failed (see build.log)"; return 1; }
-  local secs=$(( $(date +%s) - start ))
-  "$PY" - <<'EOF' || { note "ddpo_fast._C not built with CUDA"; return 1; }
-from ddpo_fast import _C
-from ddpo_fast.backends import cuda_kernels_built
+  echo "DDPO_FAST_CUDA=1 DDPO_FAST_CUDA_ARCHS=$DDPO_FAST_CUDA_ARCHS CMAKE_BUILD_PARALLEL_LEVEL=$CORES" \
+    "pip install --no-build-isolation --no-deps -e ."
+  DDPO_FAST_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=$CORES t 600 "$PY" -m pip install -v --no-build-isolation --no-deps \
+    --no-index -e . || { local rc=$?; note "pip install -e . failed (build.log)"; return $rc; }
+  "$PY" -c 'from ddpo_fast import _C
 print("ddpo_fast._C:", _C.__file__, "built_with_cuda:", _C.built_with_cuda())
-assert cuda_kernels_built()
-EOF
-  note "_C with CUDA (sm_$DDPO_FAST_CUDA_ARCHS) in ${secs}s"
+assert _C.built_with_cuda()' || { note "ddpo_fast._C is not built with CUDA"; return 1; }
+  note "_C with CUDA kernels for sm_$DDPO_FAST_CUDA_ARCHS ($CORES jobs)"
 }
 
 step_test() {
-  STEP_START=$(date +%s)
-  # shellcheck disable=SC2086
-  DDPO_FAST_REQUIRE_CUDA=1 t 3600 "$PY" -m pytest -q -ra -p no:cacheprovider --durations=15 ${PYTEST_ARGS:-tests}
-  local rc=$?
-  local summary
-  summary=$(grep -E '(passed|failed|error|skipped)( in |,)' "$OUT/test.log" | tail -n 1 \
-    | sed -E 's/=+//g; s/^ +| +$//g')
-  note "${summary:-no pytest summary line (rc=$rc)}"
+  local n=${TEST_PROCESSES:-$((CORES - 4 < 12 ? CORES - 4 : 12))} i r rc=0 pids=() counts
+  [ "$n" -lt 1 ] && n=1
+  # N pytest processes, each a DDPO_FAST_GPU_SHARD of the focused selection (tests/conftest.py): the
+  # cold Triton compiles (~280, ~0.6 CPU-s each) spread over the cores, each (case, dtype) family of
+  # Triton tests in one process so that its shared variants compile once. Plain pytest: no plugin.
+  echo "DDPO_FAST_GPU_FOCUS=1 DDPO_FAST_REQUIRE_CUDA=1, $n processes (DDPO_FAST_GPU_SHARD=I/$n): ${TEST_PATHS[*]}"
+  for ((i = 0; i < n; i++)); do
+    DDPO_FAST_GPU_FOCUS=1 DDPO_FAST_GPU_SHARD=$i/$n DDPO_FAST_REQUIRE_CUDA=1 t 600 "$PY" -m pytest -q -ra \
+      -p no:cacheprovider --durations=5 "${TEST_PATHS[@]}" > "$STATE/test_$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    r=$?
+    echo "--- shard $i/$n (rc=$r)"
+    cat "$STATE/test_$i.log"
+    case $r in
+      0 | 5) ;;  # 5: nothing collected (an empty shard)
+      124 | 137) rc=124 ;;
+      *) [ "$rc" -eq 0 ] && rc=$r ;;
+    esac
+  done
+  # Sum the shards' last summary lines ("3 failed, 30 passed, 2 skipped, 1640 deselected in 40.1s").
+  counts=$(for i in "${!pids[@]}"; do
+             grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$STATE/test_$i.log" | tail -n 1
+           done | grep -oE '[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed)' \
+    | awk '{ sub(/errors/, "error", $2); n[$2] += $1 }
+           END { split("passed failed error skipped xfailed xpassed", order, " ")
+                 for (i = 1; i <= 6; i++)
+                   if (order[i] in n) { printf "%s%d %s", sep, n[order[i]], order[i]; sep = ", " } }')
+  local kept
+  kept=$(grep -h -oE '[0-9]+ tests kept' "$STATE/test_0.log" | head -n 1)
+  note "${counts:-no pytest summary} (${kept:-?}; $n processes; rc=$rc)"
+  echo "total: ${counts:-?}"
   return $rc
-}
-
-write_sanitize_probe() {
-  cat > /tmp/ddpo_sanitize_probe.py <<'EOF'
-"""Every CUDA entry point once, on small shapes: both load paths, CFG, clipping, PPO, float64."""
-import torch
-from ddpo_fast import ops
-
-torch.manual_seed(0)
-dev = torch.device("cuda")
-with ops.use_backend("cuda"):
-    for dtype, chw, cfg in ((torch.bfloat16, (4, 16, 16), True), (torch.float32, (3, 7, 5), False),
-                            (torch.float64, (2, 4, 8), True)):
-        B = 3
-        m = torch.randn((2 * B if cfg else B, *chw), dtype=dtype, device=dev, requires_grad=True)
-        x = torch.randn((B, *chw), dtype=dtype, device=dev)
-        cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        a = torch.tensor([0.005, 0.5, 0.9983], dtype=cdt, device=dev)
-        p = torch.tensor([0.007, 0.6, 1.0], dtype=cdt, device=dev)
-        kw = dict(guidance_scale=7.5 if cfg else None, clip_sample_range=1.0, use_clipped_model_output=cfg)
-        prev, lp = ops.ddim_step_logprob(m, x, a, p, seed=1, offset=2, **kw)                      # forward, Philox
-        (prev.float().sum() + lp.sum()).backward()                                                # backward
-        prev2, _ = ops.ddim_step_logprob(m, x, a, p, noise=torch.randn_like(x), **kw)              # forward, noise
-        lp2 = ops.ddim_step_logprob(m, x, a, p, prev_sample=prev.detach(), **kw)[1]                # log-prob only
-        old = lp2.detach() + 0.01
-        adv = torch.randn(B, dtype=cdt, device=dev)
-        loss, _ = ops.ddim_ppo_loss(m, x, prev.detach(), a, p, old, adv, clip_range=1e-4, adv_clip_max=5.0, **kw)
-        loss.backward()                                                                    # forward + PPO, backward
-        lpl = lp2.detach().clone().requires_grad_(True)
-        loss2, _ = ops.ppo_clip_loss(lpl, old, adv, 0.2, 5.0)                                      # PPO alone
-        loss2.backward()
-    # A misaligned (scalar path) sample and a partial last chunk.
-    x = torch.randn(2 * 4100 + 1, device=dev)[1:].view(2, 4100)
-    m = torch.randn(2, 4100, device=dev)
-    ops.ddim_step_logprob(m, x, 0.3, 0.4, seed=3)
-torch.cuda.synchronize()
-print("probe done")
-EOF
 }
 
 step_sanitize() {
-  STEP_START=$(date +%s)
-  local cs
+  local cs tool rc failed=0 results="" pids=() tools=(memcheck racecheck initcheck)
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  write_sanitize_probe
-  local results="" failed=0 tool rc
-  for tool in memcheck racecheck initcheck; do
-    echo "--- compute-sanitizer --tool $tool"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 t 240 "$cs" --tool "$tool" --error-exitcode 9 --print-limit 20 \
-      "$PY" /tmp/ddpo_sanitize_probe.py
-    rc=$?
-    if [ "$rc" -eq 0 ]; then results+="$tool ok, "; else results+="$tool rc=$rc, "; failed=1; fi
+  [ -x "$cs" ] || { note "compute-sanitizer not found"; return 1; }
+  "$cs" --version | tail -n 1
+  # The three tools at once: each is its own process and context; the probe is seconds of work, most
+  # of the time is start-up under instrumentation.
+  for tool in "${tools[@]}"; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 t 600 "$cs" --tool "$tool" --error-exitcode 9 --print-limit 20 \
+      "$PY" benchmarks/gpu_checks.py sanitize-probe > "$STATE/sanitize_$tool.log" 2>&1 &
+    pids+=($!)
   done
-  note "${results%, }"
+  for i in "${!tools[@]}"; do
+    wait "${pids[$i]}"
+    rc=$?
+    tool=${tools[$i]}
+    echo "--- compute-sanitizer --tool $tool (rc=$rc)"
+    cat "$STATE/sanitize_$tool.log"
+    local line
+    line=$(grep -E '(ERROR|RACECHECK|INITCHECK|LEAK) SUMMARY' "$STATE/sanitize_$tool.log" | tail -n 1 \
+      | sed -E 's/^=+ *//; s/ SUMMARY:/:/')
+    if [ "$rc" -eq 0 ]; then results+="$tool ok (${line:-no summary}), "; else
+      results+="$tool rc=$rc (${line:-no summary}), "; failed=$rc; fi
+  done
+  note "${results%, }; $(grep -h '^SUMMARY' "$STATE/sanitize_memcheck.log" | sed 's/^SUMMARY //')"
   return $failed
 }
 
-step_bench() {
-  STEP_START=$(date +%s)
-  t 400 "$PY" benchmarks/ops.py --device cuda --csv "$OUT/bench_ops.csv"
+step_graph() {
+  t 120 "$PY" benchmarks/gpu_checks.py graph
   local rc=$?
-  note "benchmarks/ops.py --device cuda (rc=$rc) -> bench_ops.csv"
+  note "$(grep '^SUMMARY' "$OUT/graph.log" | tail -n 1 | sed 's/^SUMMARY //')"
   return $rc
 }
 
-# Not in the default steps (it needs most of a 10-minute call alone): the rewards at the paper's sizes
-# (CLIP ViT-L/14 + LAION MLP, LLaVA-1.5-7B + RoBERTa-large, random weights built on the GPU, bf16).
+step_kernelbw() {
+  t 300 "$PY" benchmarks/gpu_checks.py kernelbw "$OUT/kernelbw.csv"
+  local rc=$?
+  note "$(grep '^SUMMARY' "$OUT/kernelbw.log" | tail -n 1 | sed 's/^SUMMARY //')"
+  return $rc
+}
+
+step_e2e() {
+  if ! module_ok diffusers; then
+    note "diffusers does not import ($WHEEL_NOTE)"
+    return 77
+  fi
+  # The headline run keeps ~35 s for the phase check after it.
+  local main_cap=$(($(step_time_left) - 35)) rc=0 phase_rc=0 runs=()
+  if [ "$main_cap" -ge 90 ]; then
+    echo "--- benchmarks/train.py --model sd15-random --epochs 3 --skip-trl (at most ${main_cap}s)"
+    t "$main_cap" "$PY" benchmarks/train.py --model sd15-random --epochs 3 --skip-trl --csv "$STATE/train.csv"
+    rc=$?
+    if [ "$rc" -eq 0 ]; then
+      note "sd15-random bf16: $("$PY" benchmarks/gpu_checks.py train-summary "$STATE/train.csv" \
+        | sed -n 's/^SUMMARY //p')"
+    else
+      note "train.py sd15-random rc=$rc"
+    fi
+  else
+    NO_TIME+=("e2e: sd15-random run"); note "sd15-random run skipped: ${main_cap}s left"
+  fi
+  # Phase consistency: weights frozen (learning rate 1e-30, no clipping), so approx_kl / clipfrac
+  # measure how differently the sampling and training phases compute the same log-probs.
+  local phase=(num_epochs=2 sample.num_steps=8 train.learning_rate=1e-30 train.max_grad_norm=0 mixed_precision=bf16
+               reward_workers=1)
+  if [ "$(step_time_left)" -ge 30 ]; then
+    echo "--- phase consistency, tiny model, bf16: ${phase[*]}"
+    t 120 "$PY" -m ddpo_fast.train --run-dir "$STATE/tiny-bf16" "${phase[@]}" || phase_rc=$?
+    runs+=("$STATE/tiny-bf16")
+  else
+    NO_TIME+=("e2e: phase check"); add_note "phase check skipped: no time"
+  fi
+  if [ "$(step_time_left)" -ge 100 ]; then
+    echo "--- phase consistency, tiny model, bf16, compile=true"
+    t 200 "$PY" -m ddpo_fast.train --run-dir "$STATE/tiny-bf16-compile" "${phase[@]}" compile=true || phase_rc=$?
+    runs+=("$STATE/tiny-bf16-compile")
+  else
+    NO_TIME+=("e2e: phase check with compile=true")
+  fi
+  if [ ${#runs[@]} -gt 0 ]; then
+    add_note "phase $("$PY" benchmarks/gpu_checks.py phase "${runs[@]}" | sed -n 's/^SUMMARY //p')"
+  fi
+  [ "$rc" -ne 0 ] && return $rc
+  return $phase_rc
+}
+
+step_bench() {
+  t 600 "$PY" benchmarks/ops.py --device cuda --csv "$STATE/bench_ops.csv"
+  local rc=$?
+  note "benchmarks/ops.py --device cuda (rc=$rc): table in bench.log"
+  return $rc
+}
+
+# The rewards at the paper's sizes (CLIP ViT-L/14 + LAION MLP, LLaVA-1.5-7B + RoBERTa-large, random
+# weights built on the GPU, bf16): needs most of a 10-minute call alone.
 step_rewards() {
-  STEP_START=$(date +%s)
-  t 560 "$PY" benchmarks/rewards.py --full-size --device cuda:0 --size 512 --batch 8 --csv /tmp/ddpo_rewards_gpu.csv
+  t 600 "$PY" benchmarks/rewards.py --full-size --device cuda:0 --size 512 --batch 8 --csv "$STATE/rewards_gpu.csv"
   local rc=$?
   note "benchmarks/rewards.py --full-size (rc=$rc): table in rewards.log"
   return $rc
 }
 
-write_kernelbw() {
-  cat > /tmp/ddpo_kernelbw.py <<'EOF'
-"""Bandwidth of the CUDA kernels against a device-to-device copy of the same bytes.
+# ---- Dry run: what each step needs exists (no GPU; commands, scripts, imports, the test selection) --
 
-Each case runs the kernels through the backend runner (no Python-side validation), rotating over
-enough buffer sets that the data does not stay in L2. Times: 'kernel' is the main kernel's device time
-(torch.profiler), 'step' the whole entry point (main kernel + finalize) per call from CUDA-graph replay.
-Bytes: every input read once and every output written once. Copy: torch copy_ of half those bytes
-(read + write), same rotation, same timing methods."""
-import csv
-import math
-import os
-import sys
+DRY_FAILED=0
+check() {  # check WHAT CMD...: runs CMD quietly; a failure is noted and fails the step
+  local what=$1
+  shift
+  if "$@" > "$STATE/check.log" 2>&1; then echo "ok: $what"; else
+    echo "FAILED: $what"; sed 's/^/    /' "$STATE/check.log" | tail -n 20; add_note "FAILED $what"; DRY_FAILED=1; fi
+}
+present() {  # present TOOL: reported, never required here
+  if command -v "$1" > /dev/null; then printf '%s' "$1 found"; else printf '%s' "$1 absent (not required here)"; fi
+}
+has_help() {  # has_help "WORDS" CMD...: CMD --help works and mentions every word
+  local words=$1 w out
+  shift
+  out=$("$@" --help 2>&1) || { echo "$out" | tail -n 5; return 1; }
+  for w in $words; do grep -q -- "$w" <<< "$out" || { echo "--help lacks $w"; return 1; }; done
+}
+py_compiles() { "$PY" -m py_compile "$@"; }
+dry_end() { local rc=$DRY_FAILED; DRY_FAILED=0; return $rc; }
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
-from ddpo_fast import backends
-from ddpo_fast.backends import DdimCall
-
-dev = torch.device("cuda")
-L2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
-runner = backends.runner("cuda")
-SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-
-
-def make_case(kind, B, N, dtype, cfg):
-    rows = 2 * B if cfg else B
-    m = torch.randn(rows, N, device=dev).to(dtype)
-    x = torch.randn(B, N, device=dev).to(dtype)
-    a = torch.full((B,), 0.3, device=dev)
-    p = torch.full((B,), 0.4, device=dev)
-    prev = torch.randn(B, N, device=dev).to(dtype)
-    common = dict(model_output=m, sample=x, alpha_t=a, alpha_prev=p, prev_sample=prev, eta=1.0,
-                  guidance_scale=7.5 if cfg else None)
-    s = SIZE[dtype]
-    if kind == "sample":
-        call = DdimCall(log_prob=torch.empty(B, device=dev), sample_noise=True, seed=1, offset=2, **common)
-        nbytes = (rows * N + B * N + B * N) * s
-        return call, runner.forward, nbytes
-    if kind == "logprob":
-        call = DdimCall(log_prob=torch.empty(B, device=dev), **common)
-        nbytes = (rows * N + 2 * B * N) * s
-        return call, runner.forward, nbytes
-    call = DdimCall(grad_log_prob=torch.randn(B, device=dev), grad_model_output=torch.empty_like(m), **common)
-    nbytes = (rows * N + 2 * B * N + rows * N) * s
-    return call, runner.backward, nbytes
-
-
-def graph_time(fns, reps=20):
-    """Seconds per call of fns (one call each) replayed from a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / (reps * len(fns)))
-    return sorted(times)[len(times) // 2]
-
-
-def profiled_us(fns, pattern, reps=10):
-    """Median device time (us) of the kernels whose name contains `pattern`."""
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            for fn in fns:
-                fn()
-        torch.cuda.synchronize()
-    durs = []
-    for e in prof.events():
-        if pattern in e.name and str(getattr(e, "device_type", "CUDA")).endswith("CUDA"):
-            durs.append(e.time_range.elapsed_us())
-    durs.sort()
-    return durs[len(durs) // 2] if durs else float("nan")
-
-
-def rotation(nbytes):
-    return max(2, math.ceil(3 * L2 / nbytes))
-
-
-def measure(label, kind, B, N, dtype, cfg):
-    _, _, nbytes = make_case(kind, B, N, dtype, cfg)
-    sets = [make_case(kind, B, N, dtype, cfg) for _ in range(rotation(nbytes))]
-    fns = [(lambda c=c, f=f: f(c)) for c, f, _ in sets]
-    kernel = "ddim_backward_kernel" if kind == "backward" else "ddim_forward_kernel"
-    k_us = profiled_us(fns, kernel)
-    fin_us = profiled_us(fns, "finalize_kernel") if kind != "backward" else 0.0
-    step_s = graph_time(fns)
-    half = nbytes // 2
-    copies = [(torch.empty(half, dtype=torch.uint8, device=dev), torch.empty(half, dtype=torch.uint8, device=dev))
-              for _ in range(rotation(nbytes))]
-    cfns = [(lambda d=d, s=s: d.copy_(s)) for d, s in copies]
-    copy_s = graph_time(cfns)
-    copy_k_us = profiled_us(cfns, "Memcpy")
-    if math.isnan(copy_k_us):
-        copy_k_us = profiled_us(cfns, "copy")
-    row = dict(case=label, bytes=nbytes, kernel_us=k_us, finalize_us=fin_us, step_us=step_s * 1e6,
-               kernel_GBps=nbytes / (k_us * 1e-6) / 1e9 if k_us == k_us else float("nan"),
-               step_GBps=nbytes / step_s / 1e9, copy_us=copy_k_us, copy_step_us=copy_s * 1e6,
-               copy_GBps=nbytes / (copy_k_us * 1e-6) / 1e9 if copy_k_us == copy_k_us else nbytes / copy_s / 1e9)
-    row["kernel_vs_copy"] = row["kernel_GBps"] / row["copy_GBps"]
-    row["step_vs_copy"] = row["step_GBps"] / (nbytes / copy_s / 1e9)
-    del sets, copies
-    torch.cuda.empty_cache()
-    return row
-
-
-def big_copy_GBps(megabytes=1024):
-    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    s = graph_time([lambda: dst.copy_(src)], reps=10)
-    return 2 * src.numel() / s / 1e9
-
-
-def main(csv_path):
-    N = 4 * 64 * 64
-    cases = [
-        ("sample fp32 B32", "sample", 32, N, torch.float32, False),
-        ("sample fp32 cfg B32", "sample", 32, N, torch.float32, True),
-        ("sample bf16 cfg B32", "sample", 32, N, torch.bfloat16, True),
-        ("logprob fp32 cfg B32", "logprob", 32, N, torch.float32, True),
-        ("backward fp32 cfg B32", "backward", 32, N, torch.float32, True),
-        ("backward bf16 cfg B32", "backward", 32, N, torch.bfloat16, True),
-        ("sample fp32 cfg B32 4x128x128", "sample", 32, 4 * N, torch.float32, True),
-        ("sample fp32 B256", "sample", 256, N, torch.float32, False),
-    ]
-    print(f"device: {torch.cuda.get_device_name(0)}; large copy (1 GiB, read+write): {big_copy_GBps():.0f} GB/s")
-    rows = []
-    for case in cases:
-        try:
-            rows.append(measure(*case))
-        except Exception as e:  # noqa: BLE001
-            print(f"{case[0]}: FAILED {type(e).__name__}: {e}")
-    cols = ["case", "bytes", "kernel_us", "finalize_us", "step_us", "kernel_GBps", "copy_us", "copy_GBps",
-            "kernel_vs_copy", "step_GBps", "step_vs_copy"]
-    print(" | ".join(f"{c:>14}" if i else f"{c:<30}" for i, c in enumerate(cols)))
-    for r in rows:
-        print(" | ".join((f"{r[c]:<30}" if i == 0 else f"{r[c]:>14.3f}" if isinstance(r[c], float) else f"{r[c]:>14}")
-                         for i, c in enumerate(cols)))
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    key = next((r for r in rows if r["case"] == "sample fp32 cfg B32"), rows[0] if rows else None)
-    if key:
-        print(f"SUMMARY {key['case']}: kernel {key['kernel_GBps']:.0f} GB/s = {key['kernel_vs_copy']:.2f} of copy; "
-              f"step {key['step_us']:.1f} us = {key['step_vs_copy']:.2f} of copy")
-    return 0 if len(rows) == len(cases) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
-EOF
+dry_env() {
+  check "gpu_checks.py env (imports here)" "$PY" benchmarks/gpu_checks.py env --no-gpu-ok --env-file "$ENV_FILE"
+  cat "$ENV_FILE"
+  local tools wheels
+  tools="$(present nvidia-smi), $(present nvcc)"
+  if [ "$N_WHEELS" -gt 0 ]; then
+    # As the GPU machine will install them, for its Python 3.12 on x86-64 (--dry-run: nothing installed).
+    check "the .whl wheels install for Python 3.12" "$PY" -m pip install --dry-run -q --no-index --no-deps \
+      --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --target "$STATE/site" .whl/*.whl
+    for w in diffusers deepspeed; do
+      compgen -G ".whl/$w-*.whl" > /dev/null || { add_note "FAILED .whl has no $w wheel"; DRY_FAILED=1; }
+    done
+    wheels="$N_WHEELS wheels in .whl"
+  else
+    wheels="WARN $WHEEL_NOTE (e2e would SKIP)"
+  fi
+  add_note "$tools; $wheels"
+  dry_end
 }
 
-step_kernelbw() {
-  STEP_START=$(date +%s)
-  write_kernelbw
-  t 300 "$PY" /tmp/ddpo_kernelbw.py "$OUT/kernelbw.csv"
-  local rc=$?
-  note "$(grep "^SUMMARY" "$OUT/kernelbw.log" | tail -n 1 | sed "s/^SUMMARY //")"
-  return $rc
+dry_build() {
+  check "setup.py, CMakeLists.txt" test -f setup.py -a -f CMakeLists.txt
+  check "setup.py reads DDPO_FAST_CUDA, DDPO_FAST_CUDA_ARCHS, CMAKE_BUILD_PARALLEL_LEVEL" \
+    grep -q 'CMAKE_BUILD_PARALLEL_LEVEL' setup.py
+  check "build requirements import (pybind11)" "$PY" -c "import pybind11, setuptools"
+  check "cmake" command -v cmake
+  local built
+  built=$("$PY" -c 'from ddpo_fast import _C; print("CUDA" if _C.built_with_cuda() else "CPU only")' 2>&1 | tail -n 1)
+  add_note "$(present nvcc); _C here: $built"
+  dry_end
+}
+
+dry_test() {
+  check "test files compile" py_compiles tests/conftest.py "${TEST_PATHS[@]}"
+  local out line kept total deselected
+  out=$(DDPO_FAST_GPU_FOCUS=1 "$PY" -m pytest --collect-only -q -p no:cacheprovider "${TEST_PATHS[@]}" 2>&1)
+  echo "$out" | grep -E 'DDPO_FAST_GPU_FOCUS|collected'
+  line=$(grep -E '^[0-9]+/[0-9]+ tests collected \([0-9]+ deselected\)' <<< "$out" | tail -n 1)
+  kept=$(sed -E 's#^([0-9]+)/.*#\1#' <<< "$line")
+  total=$(sed -E 's#^[0-9]+/([0-9]+) .*#\1#' <<< "$line")
+  deselected=$(sed -E 's#.*\(([0-9]+) deselected\).*#\1#' <<< "$line")
+  # Plausible: a few hundred tests kept, most of test_cuda.py's ~1,700 parametrizations left out.
+  if [ -n "$line" ] && [ "$kept" -ge 200 ] && [ "$kept" -le 800 ] && [ "$deselected" -gt "$kept" ]; then
+    echo "ok: DDPO_FAST_GPU_FOCUS=1 collects $kept of $total"
+  else
+    echo "FAILED: focus selection: '${line:-no collection line}'"
+    echo "$out" | tail -n 20
+    DRY_FAILED=1
+  fi
+  add_note "DDPO_FAST_GPU_FOCUS=1 selects ${kept:-?} of ${total:-?} (${deselected:-?} deselected)"
+  # One shard of the test step's processes: a share of the selection, no more.
+  local n=12 shard
+  shard=$(DDPO_FAST_GPU_FOCUS=1 DDPO_FAST_GPU_SHARD=0/$n "$PY" -m pytest --collect-only -q -p no:cacheprovider \
+    "${TEST_PATHS[@]}" 2>&1 | sed -nE 's#^([0-9]+)/[0-9]+ tests collected.*#\1#p' | tail -n 1)
+  if [ -n "$shard" ] && [ -n "$kept" ] && [ "$shard" -ge $((kept / n - 10)) ] \
+    && [ "$shard" -le $((kept / n + 10)) ]; then
+    echo "ok: DDPO_FAST_GPU_SHARD=0/$n collects $shard"
+    add_note "shard 0/$n: $shard"
+  else
+    echo "FAILED: DDPO_FAST_GPU_SHARD=0/$n collects '${shard:-nothing}' of ${kept:-?}"
+    add_note "FAILED shard 0/$n: ${shard:-nothing}"
+    DRY_FAILED=1
+  fi
+  dry_end
+}
+
+# The GPU subcommands' calls run on the CPU (C++ CPU backend, Triton's interpreter): their use of
+# the ops is checked here, only the GPU parts (capture, timing, the sanitizer) are not.
+smoke() { TRITON_INTERPRET=1 "$PY" benchmarks/gpu_checks.py "$@" --cpu-smoke; }
+
+dry_sanitize() {
+  check "gpu_checks.py sanitize-probe --cpu-smoke" smoke sanitize-probe
+  add_note "probe calls ran on the CPU; $(present compute-sanitizer)"
+  dry_end
+}
+
+dry_graph() {
+  check "gpu_checks.py graph --cpu-smoke (eager steps, no capture)" smoke graph
+  add_note "eager steps ran on the CPU; capture needs a GPU"
+  dry_end
+}
+
+dry_kernelbw() {
+  check "gpu_checks.py kernelbw --cpu-smoke" smoke kernelbw "$STATE/kernelbw_smoke.csv"
+  add_note "each case's calls ran on the CPU; timing needs a GPU"
+  dry_end
+}
+
+dry_e2e() {
+  check "benchmarks/train.py compiles" py_compiles benchmarks/train.py benchmarks/gpu_checks.py
+  check "benchmarks/train.py --help (--model sd15-random --skip-trl --epochs --csv)" \
+    has_help "--model sd15-random --skip-trl --epochs --csv" "$PY" benchmarks/train.py
+  check "benchmarks/train.py's CSV has the columns train-summary reads" \
+    grep -q '"trainer", "samples_per_s", "peak_memory_mb", "mfu"' benchmarks/train.py
+  check "python -m ddpo_fast.train --help" has_help "--run-dir" "$PY" -m ddpo_fast.train
+  # The phase runs' keys are the trainer's (validated as the trainer validates them).
+  check "phase-check overrides validate" "$PY" -c "from ddpo_fast import config as cfg
+c = cfg.from_preset(cfg.DEFAULT_PRESET, ['num_epochs=2', 'sample.num_steps=8', 'train.learning_rate=1e-30',
+    'train.max_grad_norm=0', 'mixed_precision=bf16', 'reward_workers=1', 'compile=true'])
+cfg.validate(c)"
+  mkdir -p "$STATE/run"
+  echo '{"epoch": 0, "approx_kl": 0.0, "clipfrac": 0.0, "loss": 0.1, "samples_per_s": 1.0}' > "$STATE/run/metrics.jsonl"
+  check "gpu_checks.py phase" "$PY" benchmarks/gpu_checks.py phase "$STATE/run"
+  printf 'trainer,samples_per_s,peak_memory_mb,mfu,model,epochs\nddpo_fast,1.0,1024,0.3,sd15-random,3\n' \
+    > "$STATE/train.csv"
+  check "gpu_checks.py train-summary" "$PY" benchmarks/gpu_checks.py train-summary "$STATE/train.csv"
+  add_note "train.py, ddpo_fast.train, phase keys and parsers checked"
+  dry_end
+}
+
+dry_bench() {
+  check "benchmarks/ops.py --help" has_help "--device --csv" "$PY" benchmarks/ops.py
+  dry_end
+}
+
+dry_rewards() {
+  check "benchmarks/rewards.py --help" has_help "--full-size" "$PY" benchmarks/rewards.py
+  dry_end
 }
 
 # ---- Run -------------------------------------------------------------------------------------------
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  echo "=== installing $(ls .whl/*.whl | wc -l) wheels from .whl into /tmp/site" | tee -a "$OUT/build.log"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >> "$OUT/build.log" 2>&1 || echo "wheel install failed (see build.log)"
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+[ "$DRY_RUN" = 1 ] && echo "=== dry run (no GPU needed): checks what each step needs; logs in $OUT"
 for step in "${STEPS[@]}"; do
-  case "$step" in
-    env) run_step env "$OUT/build.log" step_env ;;
-    build) run_step build "$OUT/build.log" step_build ;;
-    test) run_step test "$OUT/test.log" step_test ;;
-    sanitize) run_step sanitize "$OUT/sanitize.log" step_sanitize ;;
-    bench) run_step bench "$OUT/bench.log" step_bench ;;
-    kernelbw) run_step kernelbw "$OUT/kernelbw.log" step_kernelbw ;;
-    rewards) run_step rewards "$OUT/rewards.log" step_rewards ;;
-    *) echo "unknown step '$step' (steps: ${ALL_STEPS[*]})"; R_NAME+=("$step"); R_STATUS+=("FAIL"); R_SECS+=(0)
-       R_NOTE+=("unknown step") ;;
-  esac
+  if [ -n "${CAP[$step]:-}" ]; then
+    run_step "$step"
+  else
+    echo "unknown step '$step' (steps: ${ALL_STEPS[*]} bench rewards)"
+    R_NAME+=("$step"); R_STATUS+=("FAIL"); R_SECS+=(0); R_NOTE+=("unknown step")
+  fi
 done
-rm -f "$NOTE_FILE"
 
 failed=()
-for i in "${!R_NAME[@]}"; do [ "${R_STATUS[$i]}" = ok ] || failed+=("${R_NAME[$i]}"); done
+for i in "${!R_NAME[@]}"; do
+  case ${R_STATUS[$i]} in
+    ok) ;;
+    SKIP) [ "$DRY_RUN" = 1 ] && failed+=("${R_NAME[$i]}") ;;  # a dry run checks every step
+    *) failed+=("${R_NAME[$i]}") ;;
+  esac
+done
 {
-  echo "========== gpu_suite summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - SUITE_START ))s) =========="
-  printf '%-10s %-8s %7s  %s\n' step status seconds note
+  echo
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "gpu_suite DRY RUN $(date -u +%Y-%m-%dT%H:%MZ): $(($(date +%s) - SUITE_START)) s, python $PY"
+  else
+    echo "gpu_suite $(date -u +%Y-%m-%dT%H:%MZ): $(fact gpu); torch $(fact torch); triton $(fact triton);" \
+      "$(($(date +%s) - SUITE_START)) s of a ${BUDGET} s budget; \`bash benchmarks/gpu_suite.sh $*\`"
+  fi
+  echo
+  echo "| step | status | seconds | key figure |"
+  echo "| --- | --- | --- | --- |"
   for i in "${!R_NAME[@]}"; do
-    printf '%-10s %-8s %7s  %s\n' "${R_NAME[$i]}" "${R_STATUS[$i]}" "${R_SECS[$i]}" "${R_NOTE[$i]}"
+    echo "| ${R_NAME[$i]} | ${R_STATUS[$i]} | ${R_SECS[$i]} | ${R_NOTE[$i]} |"
   done
+  echo
+  if [ ${#NO_TIME[@]} -gt 0 ]; then echo "skipped for lack of time: ${NO_TIME[*]}"; fi
   if [ ${#failed[@]} -eq 0 ]; then echo "all steps ok"; else echo "steps not ok: ${failed[*]}"; fi
   echo "logs: $OUT"
 } | tee "$OUT/summary.txt"
+rm -rf "$STATE"
 [ ${#failed[@]} -eq 0 ]

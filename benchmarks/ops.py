@@ -17,7 +17,6 @@ so each starts with caches disturbed by the others, as an op between UNet calls 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 
 from ddpo_fast import ops, reference
 from ddpo_fast.backends import _C, cuda_kernels_built, triton_available, use_backend
+from results_csv import write_rows  # benchmarks/ is the script's folder
 
 GUIDANCE = 5.0
 SIZES = [(1, (4, 64, 64)), (8, (4, 64, 64)), (32, (4, 64, 64)), (7, (4, 17, 23))]
@@ -213,12 +213,7 @@ def main(argv=None) -> int:
                       f"{row['speedup_vs_compile']:10.2f} {row['speedup_vs_trl']:7.2f}")
             print()
     path = args.csv or Path(__file__).parent / "results" / f"ops_{device.type}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    write_rows(path, rows)
     return 0
 
 

@@ -15,7 +15,6 @@ Every mode gets the same images; the first call of each is a warm-up and is not 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 from ddpo_fast import rewards
 from ddpo_fast.rewards.client import RemoteReward, start_server
 from ddpo_fast.rewards.random_models import save_reward_models
+from results_csv import write_rows  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parent.parent
 REWARDS = ["jpeg_compressibility", "aesthetic", "llava_bertscore"]
@@ -120,12 +120,7 @@ def main() -> int:
         rows.append({"reward": name, "models": size, "device": args.device, "batch": args.batch, "size": args.size,
                      "in_process": round(local, 2), "served": round(served, 2),
                      f"served_x{args.clients}": round(served_many, 2)})
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.csv}")
+    write_rows(args.csv, rows)
     return 0
 
 

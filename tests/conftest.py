@@ -10,12 +10,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# ---- DDPO_FAST_GPU_FOCUS=1: the GPU suite's selection of tests/test_cuda.py --------------------------
-# tests/test_cuda.py parametrizes every case x dtype x shape x batch for both backends (~1,700 items);
-# on a GPU every distinct Triton specialization compiles from a cold cache (0.2 - 3 s each), which
-# does not fit one device call. benchmarks/gpu_suite.sh sets DDPO_FAST_GPU_FOCUS=1 to keep every
-# kernel variant (every case x dtype) on representative shapes, the odd (scalar-path) shape once per
-# backend, and the launch-mechanics tests. Unset (`make test`, CI): nothing changes.
+# ---- The GPU suite's selection (benchmarks/gpu_suite.sh); without these variables nothing changes -----
+# DDPO_FAST_GPU_FOCUS=1: tests/test_cuda.py parametrizes every case x dtype x shape x batch for both
+# backends (~1,700 items); on a GPU every distinct Triton specialization compiles from a cold cache
+# (0.2 - 3 s each), which does not fit one device call. The focus keeps every kernel variant (every
+# case x dtype) on representative shapes, the odd (scalar-path) shape once per backend and test, and
+# the launch-mechanics tests (~450 items, ~280 Triton variants).
+# DDPO_FAST_GPU_SHARD=I/N: keeps shard I of N (0-based) of the collected items, so N processes share
+# the cold Triton compiles. The Triton tests of one (case, dtype) share kernel variants (sampling,
+# scoring, PPO, backward), so they stay in one shard and each variant compiles once; families and
+# the other items go round-robin in collection order (the same in every process).
 
 _BIG, _SMALL = (4, 64, 64), (4, 17, 23)  # the SD latent; numel % 8 == 4 (the kernels' scalar path)
 _FOCUS_BATCH = 3
@@ -24,7 +28,7 @@ _FOCUS_BATCH = 3
 _SMALL_CASE, _SMALL_DTYPE = ("v_prediction", 7.5, 1.0, True), torch.bfloat16
 _GRADCHECK_CASES = {("epsilon", None, None, False), ("v_prediction", 7.5, 1.0, True)}
 _TEST_CUDA = Path(__file__).resolve().parent / "test_cuda.py"
-_FOCUS_KEY = pytest.StashKey[tuple]()  # (kept, deselected), for the report line
+_FOCUS_KEY = pytest.StashKey[tuple]()  # ((kept, deselected), shard, in the shard): the report lines
 
 
 def _focus_keeps(name: str, p: dict) -> bool:
@@ -46,25 +50,60 @@ def _focus_keeps(name: str, p: dict) -> bool:
     return True
 
 
+def _triton_family(item) -> tuple | None:
+    """The (dtype, case) family of a Triton test of tests/test_cuda.py, else None."""
+    params = item.callspec.params if item.path == _TEST_CUDA and hasattr(item, "callspec") else {}
+    if params.get("backend") != "triton" or "case" not in params:
+        return None
+    return str(params.get("dtype")), params["case"]
+
+
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("DDPO_FAST_GPU_FOCUS") != "1":
+    focus = os.environ.get("DDPO_FAST_GPU_FOCUS") == "1"
+    shard = os.environ.get("DDPO_FAST_GPU_SHARD", "")
+    if not focus and not shard:
         return
     keep, drop = [], []
     for item in items:
-        in_scope = item.path == _TEST_CUDA and hasattr(item, "callspec")
-        if in_scope and not _focus_keeps(getattr(item, "originalname", item.name), item.callspec.params):
+        params = item.callspec.params if item.path == _TEST_CUDA and hasattr(item, "callspec") else None
+        if focus and params is not None and not _focus_keeps(getattr(item, "originalname", item.name), params):
             drop.append(item)
         else:
             keep.append(item)
-    config.stash[_FOCUS_KEY] = (len(keep), len(drop))
+    focused = (len(keep), len(drop))
+    if shard:
+        try:
+            index, count = (int(v) for v in shard.split("/"))
+        except ValueError:
+            index, count = -1, 0
+        if not 0 <= index < count:
+            raise pytest.UsageError(f"DDPO_FAST_GPU_SHARD must be I/N with 0 <= I < N, got {shard!r}")
+        families: dict[tuple, int] = {}
+        others = 0
+        mine = []
+        for item in keep:
+            family = _triton_family(item)
+            if family is None:
+                slot, others = others, others + 1
+            else:
+                slot = families.setdefault(family, len(families))
+            (mine if slot % count == index else drop).append(item)
+        keep = mine
+    config.stash[_FOCUS_KEY] = (focused, shard, len(keep))
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
 
 
 def pytest_report_collectionfinish(config, start_path, items):
-    counts = config.stash.get(_FOCUS_KEY, None)
-    if counts is not None:
-        return [f"DDPO_FAST_GPU_FOCUS=1: {counts[1]} parametrizations of tests/test_cuda.py deselected, "
-                f"{counts[0]} tests kept"]
-    return []
+    state = config.stash.get(_FOCUS_KEY, None)
+    if state is None:
+        return []
+    (kept, deselected), shard, in_shard = state
+    lines = []
+    if os.environ.get("DDPO_FAST_GPU_FOCUS") == "1":
+        lines.append(f"DDPO_FAST_GPU_FOCUS=1: {deselected} parametrizations of tests/test_cuda.py deselected, "
+                     f"{kept} tests kept")
+    if shard:
+        lines.append(f"DDPO_FAST_GPU_SHARD={shard}: {in_shard} of the {kept} tests")
+    return lines

@@ -1,6 +1,6 @@
-"""`python tests/phase_forwards.py ENGINE MIXED_PRECISION`: prints, as JSON, whether the sampling
-phase's and the training phase's UNet forwards of the same inputs are identical for a training
-engine (torch, or deepspeed on one rank), with CPU autocast following CUDA's rules
+"""`python tests/phase_forwards.py ENGINE:MIXED_PRECISION ...`: prints, as one JSON line per argument,
+whether the sampling phase's and the training phase's UNet forwards of the same inputs are identical
+for a training engine (torch, or deepspeed on one rank), with CPU autocast following CUDA's rules
 (tests/emulated_cuda.py). The trainer's own code paths: engine.sampling_module in eval mode without
 grad, the engine itself in train mode with grad, both through precision.unet_forward."""
 import datetime
@@ -22,25 +22,31 @@ from ddpo_fast.engines import DeepSpeedEngine, TorchEngine, prepare_unet  # noqa
 from ddpo_fast.models import encode_prompts, load_pipeline, place_pipeline  # noqa: E402
 from ddpo_fast.precision import Precision, unet_forward  # noqa: E402
 
-engine_name, mode = sys.argv[1], sys.argv[2]
 device = torch.device("cpu")
-config = cfg.from_preset("tiny-compressibility", [f"engine={engine_name}", f"mixed_precision={mode}"])
-precision = Precision(mode, device.type)
-distributed.init(device, datetime.timedelta(minutes=5), use_deepspeed=engine_name == "deepspeed")
-pipe = load_pipeline("tiny")
-place_pipeline(pipe, device, precision.dtype)
-unet, params = prepare_unet(pipe, config)
-engine = (DeepSpeedEngine if engine_name == "deepspeed" else TorchEngine)(unet, params, config, precision, device)
+if any(arg.startswith("deepspeed:") for arg in sys.argv[1:]):
+    distributed.init(device, datetime.timedelta(minutes=5), use_deepspeed=True)
 
-torch.manual_seed(0)
-x = torch.randn(4, 4, 8, 8).to(precision.dtype or torch.float32)
-embeds = encode_prompts(pipe, ["cat", "dog", "horse", "a cow riding a bike"], device)
-negative = encode_prompts(pipe, [""], device)
-t = pipe.scheduler.timesteps[3]
-with torch.no_grad():
-    engine.module.eval()
-    sampled = unet_forward(engine.sampling_module, x, t, embeds, negative, precision)  # one t for the batch
-engine.module.train()
-trained = unet_forward(engine, x, t.expand(4), embeds, negative, precision)  # one t per row
-print(json.dumps({"identical": bool(torch.equal(sampled, trained.detach())), "dtype": str(sampled.dtype),
-                  "max_abs_diff": float((sampled.float() - trained.detach().float()).abs().max())}))
+
+def compare(engine_name: str, mode: str) -> dict:
+    config = cfg.from_preset("tiny-compressibility", [f"engine={engine_name}", f"mixed_precision={mode}"])
+    precision = Precision(mode, device.type)
+    pipe = load_pipeline("tiny")
+    place_pipeline(pipe, device, precision.dtype)
+    unet, params = prepare_unet(pipe, config)
+    engine = (DeepSpeedEngine if engine_name == "deepspeed" else TorchEngine)(unet, params, config, precision, device)
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 8, 8).to(precision.dtype or torch.float32)
+    embeds = encode_prompts(pipe, ["cat", "dog", "horse", "a cow riding a bike"], device)
+    negative = encode_prompts(pipe, [""], device)
+    t = pipe.scheduler.timesteps[3]
+    with torch.no_grad():
+        engine.module.eval()
+        sampled = unet_forward(engine.sampling_module, x, t, embeds, negative, precision)  # one t for the batch
+    engine.module.train()
+    trained = unet_forward(engine, x, t.expand(4), embeds, negative, precision)  # one t per row
+    return {"engine": engine_name, "mixed_precision": mode, "identical": bool(torch.equal(sampled, trained.detach())),
+            "dtype": str(sampled.dtype), "max_abs_diff": float((sampled.float() - trained.detach().float()).abs().max())}
+
+
+for arg in sys.argv[1:]:
+    print(json.dumps(compare(*arg.split(":"))), flush=True)

@@ -1,14 +1,17 @@
-"""What crosses the network, counted on two DeepSpeed CPU ranks (tests/train_counting_comm.py):
-the default stage reduces the gradient once per optimizer step, not once per backward call, and
-ZeRO-3 gathers the UNet once per sampling phase, not on every forward."""
+"""What crosses the network, counted on two DeepSpeed CPU ranks (benchmarks/counted_train.py): ZeRO-3
+gathers the UNet once per sampling phase, not on every forward (a full finetune under ZeRO-3 with its
+final model). The default stage's single gradient reduction per optimizer step is checked in
+tests/test_train_deepspeed.py, within its run-and-resume test."""
 import json
 
 import pytest
+import torch
 
-from train_helpers import TESTS, TINY, run_deepspeed
-
+pytest.importorskip("diffusers")  # on the GPU machine: carried wheels
 pytest.importorskip("deepspeed")
-REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_reduce_coalesced")
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from train_helpers import REPO, TINY, run_deepspeed  # noqa: E402
 # 4 train batches of 2 per rank x 2 trained timesteps, 2 batches per optimizer step: 4 backward calls
 # per optimizer step, 2 optimizer steps.
 ARGS = [*TINY, "num_epochs=1", "train.batch_size=2", "train.gradient_accumulation_steps=2"]
@@ -16,18 +19,11 @@ ARGS = [*TINY, "num_epochs=1", "train.batch_size=2", "train.gradient_accumulatio
 
 def _counted_run(tmp_path, args: list[str]) -> list[dict]:
     counts = tmp_path / "counts"
-    run_deepspeed(["--run-dir", str(tmp_path / "run"), *ARGS, *args], script=TESTS / "train_counting_comm.py",
+    run_deepspeed(["--run-dir", str(tmp_path / "run"), *ARGS, *args], script=REPO / "benchmarks" / "counted_train.py",
                   extra_env={"DDPO_TEST_COMM_DIR": str(counts)})
     reports = [json.loads((counts / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["optimizer_steps"] == 2 and r["trainable_numel"] > 0 for r in reports)
     return reports
-
-
-def test_default_stage_reduces_the_gradient_once_per_optimizer_step(tmp_path):
-    for r in _counted_run(tmp_path, []):  # mixed_precision auto is fp32 on the CPU: 4-byte gradients
-        gradient_bytes = 4 * r["trainable_numel"]
-        per_step = sum(r["sent"].get(k, 0) for k in REDUCTIONS) / r["optimizer_steps"]
-        assert 0.9 <= per_step / gradient_bytes <= 1.5, per_step / gradient_bytes
 
 
 def test_zero3_gathers_the_unet_once_per_sampling_phase(tmp_path):
@@ -41,3 +37,5 @@ def test_zero3_gathers_the_unet_once_per_sampling_phase(tmp_path):
         partition_bytes = 4 * r["trainable_numel"] / 2  # what each rank contributes to a full gather
         (phase,) = r["sampling_phase_gather_bytes"]  # one epoch: 2 batches x 8 steps of CFG forwards
         assert 0.9 <= phase / partition_bytes <= 1.5, phase / partition_bytes
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet")  # gathered and saved by rank 0
+    assert all(torch.isfinite(p).all() for p in unet.parameters())

@@ -6,6 +6,8 @@ benchmarks/train.py --with-compile and on a GPU by benchmarks/gpu_suite.sh."""
 import pytest
 import torch
 
+pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
+
 from ddpo_fast import config as cfg
 from ddpo_fast import engines
 from ddpo_fast.engines import TorchEngine, prepare_unet

@@ -1,6 +1,9 @@
 """python -m ddpo_fast.evaluate: base vs finetuned on fixed prompts and seeds."""
 import json
 
+import pytest
+
+pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
 from ddpo_fast import evaluate
 from ddpo_fast.models import build_tiny_pipeline
 from train_helpers import TINY, run_train

@@ -1,5 +1,8 @@
 """The tiny built-in pipeline: deterministic, no download, a normal diffusers directory."""
+import pytest
 import torch
+
+pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ddpo_fast.models import build_tiny_pipeline, encode_prompts, load_pipeline, tiny_tokenizer

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
+
 from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages, global_advantages
 from ddpo_fast.models import build_tiny_pipeline, encode_prompts
 from ddpo_fast.ops import ddim_step_logprob, scheduler_alphas

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from ddpo_fast.rewards import jpeg_compressibility
+pytest.importorskip("diffusers")  # the trainer's tests need it (on the GPU machine: a carried wheel)
+
+from ddpo_fast.rewards import jpeg_compressibility  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -44,7 +47,10 @@ def run_train(args: list[str], *, extra_env: dict | None = None, check: bool = T
 
 def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 300, *, check: bool = True,
                   extra_env: dict | None = None, script: Path = REPO / "ddpo_fast" / "train.py"):
-    """`deepspeed --num_gpus RANKS ddpo_fast/train.py ARGS` (CPU ranks here; another user script with `script`)."""
+    """`deepspeed --num_gpus RANKS ddpo_fast/train.py ARGS` (CPU ranks here; another user script with `script`).
+    Skips on a GPU machine with fewer GPUs than ranks (DeepSpeed would ask for cuda:1 on one GPU)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < ranks:
+        pytest.skip(f"{ranks} DeepSpeed ranks need {ranks} GPUs; this machine has {torch.cuda.device_count()}")
     port = str(29500 + (os.getpid() % 1000))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
            str(script), *args]

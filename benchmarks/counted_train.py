@@ -1,4 +1,5 @@
-"""The trainer (as DeepSpeed's user script) with the bytes each rank puts into collectives counted.
+"""The trainer (as DeepSpeed's user script) with the bytes each rank puts into collectives counted
+(benchmarks/comm.py and tests/test_train_communication.py run it).
 
 Counted per rank: the input bytes of every collective by kind, the optimizer steps, the trainable
 parameters' elements, and the gather bytes of each sampling phase (from entering
