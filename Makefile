@@ -21,8 +21,9 @@ $(VENV)/.installed: requirements-dev.txt Makefile
 build: $(VENV)/.installed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
+# Two workers: most tests keep one core busy (subprocess runs, the Triton interpreter).
 test: build
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n 2 tests
 
 demo: build
 	rm -rf $(DEMO_DIR)

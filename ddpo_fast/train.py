@@ -37,8 +37,8 @@ from ddpo_fast import config as cfg
 from ddpo_fast import distributed
 from ddpo_fast import precision as prec
 from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages
-from ddpo_fast.checkpoints import (StopRequests, Stopped, checkpoint_epoch, list_checkpoints, save_checkpoint,
-                                   save_final_model)
+from ddpo_fast.checkpoints import (CHECKPOINT_PREFIX, StopRequests, Stopped, checkpoint_epoch, list_checkpoints,
+                                   save_checkpoint, save_final_model)
 from ddpo_fast.distributed import log, mean_across_ranks
 from ddpo_fast.engines import DeepSpeedEngine, TorchEngine, prepare_unet
 from ddpo_fast.ops import ddim_ppo_loss, ddim_step_logprob, scheduler_alphas
@@ -381,12 +381,14 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
             for epoch in range(start_epoch, config.num_epochs):
                 try:
                     record = trainer.run_epoch(epoch)
-                except _StopSampling:  # the weights are those of epoch - 1
-                    saved = None
-                    if epoch > start_epoch or checkpoint is not None:
-                        saved = run_dir / "checkpoints" / f"epoch-{epoch - 1}"
-                        if last_saved != epoch - 1:
-                            saved = checkpoint_of(epoch - 1)
+                except _StopSampling:  # the weights are still those of the last finished epoch
+                    finished = epoch - 1
+                    if last_saved == finished:
+                        saved = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{finished}"
+                    elif epoch > start_epoch:
+                        saved = checkpoint_of(finished)
+                    else:  # no epoch finished: nothing to keep
+                        saved = None
                     raise Stopped(stop.received, saved) from None
                 images, grid_prompts, grid_rewards = record.pop("_grid")
                 samples = record.pop("_samples")

@@ -5,13 +5,12 @@ DeepSpeed, in fp32 and bf16. The checks run with CPU autocast following CUDA aut
 bf16 with or without autocast, which hid a sampling phase under autocast and a DeepSpeed training
 phase without it."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from train_helpers import REPO, TESTS, TINY, env, metrics, run_deepspeed
+from train_helpers import REPO, TESTS, TINY, env, free_port, metrics, run_deepspeed
 
 pytest.importorskip("deepspeed")
 WITH_CUDA_AUTOCAST = TESTS / "train_with_cuda_autocast.py"
@@ -21,7 +20,7 @@ FROZEN = [*TINY, "train.learning_rate=1e-30", "train.max_grad_norm=0"]
 
 def _one_rank_env() -> dict:
     return {**env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(29700 + os.getpid() % 200)}
+            "MASTER_PORT": free_port()}
 
 
 def test_sampling_and_training_forwards_are_identical():

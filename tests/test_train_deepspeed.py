@@ -1,7 +1,6 @@
 """DeepSpeed: two CPU ranks (ZeRO-1, -2 and -3, full and LoRA, resume, the gradient communicated once per
 optimizer step), gradient accumulation that matches the one-process engine, and the non-finite step guard."""
 import json
-import socket
 import subprocess
 import sys
 
@@ -13,17 +12,11 @@ pytest.importorskip("deepspeed")
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from train_helpers import REPO, TINY, env, metrics, run_deepspeed, run_train
+from train_helpers import REPO, TINY, env, free_port, metrics, run_deepspeed, run_train
 
 pytest.importorskip("deepspeed")
 DS = [*TINY, "num_epochs=1"]
 REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_reduce_coalesced")
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _check_run(run, proc, stage, lora, epochs=1):
@@ -72,7 +65,7 @@ def test_deepspeed_accumulation_matches_one_process_engine(tmp_path):
     accumulation boundary counts every backward call (2 train batches x 2 timesteps here)."""
     common = [*DS, "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.max_grad_norm=0"]
     run_train(["--run-dir", str(tmp_path / "torch"), *common, "engine=torch"])
-    extra = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}
+    extra = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
     run_train(["--run-dir", str(tmp_path / "ds"), *common, "engine=deepspeed", "zero_stage=2"], extra_env=extra)
     a = load_file(tmp_path / "torch" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "ds" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -85,7 +78,7 @@ def test_deepspeed_accumulation_matches_one_process_engine(tmp_path):
 
 def test_deepspeed_skips_a_non_finite_step(tmp_path):
     run = tmp_path / "run"
-    extra = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}
+    extra = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
     argv = ["--run-dir", str(run), *DS, "engine=deepspeed", "zero_stage=2"]
     proc = subprocess.run([sys.executable, "-c", f"import train_helpers; train_helpers.poisoned_main({argv!r})"],
                           cwd=REPO, env={**env(), **extra}, capture_output=True, text=True, timeout=300)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +46,20 @@ def run_train(args: list[str], *, extra_env: dict | None = None, check: bool = T
     return proc
 
 
+def free_port() -> str:
+    """A port no process listens on now (tests run in parallel workers: no fixed ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 300, *, check: bool = True,
                   extra_env: dict | None = None, script: Path = REPO / "ddpo_fast" / "train.py"):
     """`deepspeed --num_gpus RANKS ddpo_fast/train.py ARGS` (CPU ranks here; another user script with `script`).
     Skips on a GPU machine with fewer GPUs than ranks (DeepSpeed would ask for cuda:1 on one GPU)."""
     if torch.cuda.is_available() and torch.cuda.device_count() < ranks:
         pytest.skip(f"{ranks} DeepSpeed ranks need {ranks} GPUs; this machine has {torch.cuda.device_count()}")
-    port = str(29500 + (os.getpid() % 1000))
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
            str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
