@@ -25,7 +25,6 @@ from pathlib import Path
 from results_csv import write_rows  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parent.parent
-REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_reduce_coalesced")
 CONFIG = ["num_epochs=1", "sample.num_steps=8", "sample.batch_size=4", "sample.num_batches_per_epoch=2",
           "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.timestep_fraction=0.25",
           "sample.guidance_scale=3", "reward_workers=1", "checkpoint_freq=100"]
@@ -62,7 +61,7 @@ def main() -> int:
             for mode in ("no", "bf16"):
                 report = counted_run(args.ranks, stage, mode, args.overrides, Path(tmp))[0]  # ranks send alike
                 gradient_bytes = (2 if mode == "bf16" else 4) * report["trainable_numel"]
-                reduced = sum(report["sent"].get(k, 0) for k in REDUCTIONS) / report["optimizer_steps"]
+                reduced = report["reduced_bytes_per_step"]
                 partition = gradient_bytes / args.ranks
                 phases = report["sampling_phase_gather_bytes"]
                 rows.append({"zero_stage": stage, "mixed_precision": mode,

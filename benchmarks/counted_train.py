@@ -2,7 +2,8 @@
 (benchmarks/comm.py and tests/test_train_communication.py run it).
 
 Counted per rank: the input bytes of every collective by kind, the optimizer steps, the trainable
-parameters' elements, and the gather bytes of each sampling phase (from entering
+parameters' elements, the reduction bytes (all-reduce, reduce-scatter, reduce) per optimizer step,
+and the gather bytes of each sampling phase (from entering
 `engine.sampling_phase()` to leaving it). Written to DDPO_TEST_COMM_DIR/rank{RANK}.json at exit.
 """
 import atexit
@@ -85,7 +86,9 @@ engines.DeepSpeedEngine.sampling_phase = sampling_phase
 def _write() -> None:
     out = Path(os.environ["DDPO_TEST_COMM_DIR"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"sent": dict(sent), **report}))
+    reduced = sum(sent[k] for k in REDUCTIONS) / max(report["optimizer_steps"], 1)
+    (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(
+        json.dumps({"sent": dict(sent), "reduced_bytes_per_step": reduced, **report}))
 
 
 sys.exit(train.cli())

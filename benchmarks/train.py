@@ -84,10 +84,10 @@ def resolved_precision(overrides: list[str]) -> str:
     """The run's mixed precision on this machine (auto: bf16 on a GPU, no on a CPU)."""
     import torch
 
-    from ddpo_fast import precision
+    from ddpo_fast.precision import Precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return precision.resolve(bar_config(overrides).mixed_precision, device)
+    return Precision.for_device(bar_config(overrides).mixed_precision, device).mode
 
 
 def matmul_peak_flops(dtype_name: str) -> float:

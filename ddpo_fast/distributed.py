@@ -1,6 +1,6 @@
 """The process group and every collective the trainer makes.
 
-Collectives carry tensors on the rank's device (`device()`, set by `init`): NCCL serves CUDA tensors
+Collectives carry tensors on the rank's device (set by `init`): NCCL serves CUDA tensors
 only ("No backend type associated with device type cpu"), while gloo, the CPU test backend, accepts
 any, so a CPU tensor in a collective passes every CPU test and kills a multi-GPU run. Keeping all
 collectives here keeps that rule in one place (tests/test_distributed.py checks it with a stand-in
@@ -50,11 +50,6 @@ def init(device: torch.device, timeout: datetime.timedelta, *, use_deepspeed: bo
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, timeout=timeout)
-
-
-def device() -> torch.device:
-    """The device every collective's tensors are on."""
-    return _device
 
 
 def is_distributed() -> bool:

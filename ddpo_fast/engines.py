@@ -61,8 +61,6 @@ class TorchEngine:
     """One-process engine: AdamW, gradient accumulation over `accumulation_steps` backward calls,
     gradient clipping, and a non-finite guard (a step whose gradient is not finite is skipped)."""
 
-    name = "torch"
-
     def __init__(self, module, params, config: cfg.Config, precision: Precision, device: torch.device):
         t = config.train
         self.module = module
@@ -150,8 +148,6 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO engine; its gradient_accumulation_steps is the number of backward calls per
     optimizer step, so the boundary falls where ours does. DeepSpeed skips a step whose gradient
     norm is not finite (counted in its skipped_steps)."""
-
-    name = "deepspeed"
 
     def __init__(self, module, params, config: cfg.Config, precision: Precision, device: torch.device):
         import deepspeed

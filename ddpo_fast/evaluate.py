@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ddpo_fast import config as cfg
-from ddpo_fast import precision as prec
 from ddpo_fast.models import encode_prompts, load_pipeline, place_pipeline
 from ddpo_fast.precision import Precision
 from ddpo_fast.rewards import build as build_reward
@@ -58,7 +57,7 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], config: cfg.Config
     precision (bf16 on a GPU by default). An image depends on its seed and on the prompts batched with
     it, so the base and the finetuned model see exactly the same noise."""
     s = config.sample
-    precision = Precision(prec.resolve(config.mixed_precision, device), device.type)
+    precision = Precision.for_device(config.mixed_precision, device)
     place_pipeline(pipe, device, precision.dtype)
     pipe.scheduler.set_timesteps(s.num_steps, device=device)
     negative = encode_prompts(pipe, [""], device) if config.use_cfg else None

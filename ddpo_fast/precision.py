@@ -35,6 +35,11 @@ class Precision:
         """The autocast dtype, None for fp32."""
         return _DTYPES[self.mode]
 
+    @classmethod
+    def for_device(cls, mixed_precision: str, device: torch.device) -> "Precision":
+        """The policy of the `mixed_precision` key on `device` (`auto` resolved)."""
+        return cls(resolve(mixed_precision, device), device.type)
+
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()

@@ -35,7 +35,6 @@ import torch
 
 from ddpo_fast import config as cfg
 from ddpo_fast import distributed
-from ddpo_fast import precision as prec
 from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages
 from ddpo_fast.checkpoints import (CHECKPOINT_PREFIX, StopRequests, Stopped, checkpoint_epoch, list_checkpoints,
                                    save_checkpoint, save_final_model)
@@ -325,7 +324,7 @@ def main(argv=None) -> Path:
     distributed.init(device, distributed.process_group_timeout(config.reward_timeout, SERVER_STARTUP_TIMEOUT),
                      use_deepspeed=engine_name == "deepspeed")
     configure_device(device)
-    precision = Precision(prec.resolve(config.mixed_precision, device), device.type)
+    precision = Precision.for_device(config.mixed_precision, device)
 
     start_epoch, checkpoint = 0, None
     if args.resume:

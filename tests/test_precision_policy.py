@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from train_helpers import REPO, TESTS, TINY, env, free_port, metrics, run_deepspeed
+from train_helpers import REPO, TESTS, TINY, env, metrics, one_rank_env, run_deepspeed
 
 pytest.importorskip("deepspeed")
 WITH_CUDA_AUTOCAST = TESTS / "train_with_cuda_autocast.py"
@@ -18,15 +18,10 @@ WITH_CUDA_AUTOCAST = TESTS / "train_with_cuda_autocast.py"
 FROZEN = [*TINY, "train.learning_rate=1e-30", "train.max_grad_norm=0"]
 
 
-def _one_rank_env() -> dict:
-    return {**env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": free_port()}
-
-
 def test_sampling_and_training_forwards_are_identical():
     combos = ["torch:no", "torch:bf16", "deepspeed:bf16"]
     proc = subprocess.run([sys.executable, str(TESTS / "phase_forwards.py"), *combos], cwd=REPO,
-                          env=_one_rank_env(), capture_output=True, text=True, timeout=300)
+                          env={**env(), **one_rank_env()}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [f"{r['engine']}:{r['mixed_precision']}" for r in results] == combos

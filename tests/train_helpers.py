@@ -53,6 +53,11 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def one_rank_env() -> dict:
+    """The launcher's variables for a single rank (DeepSpeed in one process)."""
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+
+
 def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 300, *, check: bool = True,
                   extra_env: dict | None = None, script: Path = REPO / "ddpo_fast" / "train.py"):
     """`deepspeed --num_gpus RANKS ddpo_fast/train.py ARGS` (CPU ranks here; another user script with `script`).
