@@ -69,8 +69,9 @@ def gather(rewards: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, list[
 
 
 def compute_advantages(rewards: torch.Tensor, prompts: list[str], tracker: PerPromptStatTracker | None,
-                       rank: int = 0, device: torch.device | str = "cpu") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(this rank's advantages (float32, on `device`), the gathered rewards, the gathered advantages)."""
+                       rank: int = 0, device: torch.device | str = "cpu"
+                       ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
+    """(this rank's advantages (float32, on `device`), the gathered rewards, advantages and prompts)."""
     all_rewards, all_prompts = gather(rewards, prompts)
     if tracker is not None:
         advantages = tracker.update(all_prompts, all_rewards)
@@ -78,4 +79,14 @@ def compute_advantages(rewards: torch.Tensor, prompts: list[str], tracker: PerPr
         advantages = global_advantages(all_rewards)
     n = len(prompts)
     mine = advantages[rank * n:(rank + 1) * n]
-    return torch.from_numpy(mine.astype(np.float32)).to(device), all_rewards, advantages
+    return torch.from_numpy(mine.astype(np.float32)).to(device), all_rewards, advantages, all_prompts
+
+
+def per_prompt_stats(prompts: list[str], rewards: np.ndarray) -> dict[str, dict]:
+    """{prompt: {"mean": mean of its finite rewards (None if none), "count": its samples}}."""
+    stats = {}
+    for prompt in sorted(set(prompts)):
+        values = rewards[[p == prompt for p in prompts]]
+        finite = values[np.isfinite(values)]
+        stats[prompt] = {"mean": float(finite.mean()) if len(finite) else None, "count": len(values)}
+    return stats

@@ -29,10 +29,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def checkpoint_epoch(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "trainer_state.json").read_text())["epoch"]
-
-
 def save_checkpoint(run_dir: Path, epoch: int, engine, state: dict, limit: int) -> Path:
     """Writes the checkpoint of `epoch` (every rank saves its part); keeps the newest `limit`."""
     ckpt_dir = run_dir / "checkpoints"

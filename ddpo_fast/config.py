@@ -30,76 +30,117 @@ class ConfigError(ValueError):
     """An unknown key or an invalid value; the message names the key."""
 
 
+def opt(default, help: str):
+    """A config field with its meaning: `--help`, the README's key table and the errors share it."""
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls):
+    return field(default_factory=cls)
+
+
 @dataclass
 class SampleConfig:
-    num_steps: int = 50  # DDIM steps
-    eta: float = 1.0  # DDIM stochasticity; > 0 for a policy with a density
-    guidance_scale: float = 5.0  # classifier-free guidance; <= 1 turns CFG off
-    batch_size: int = 8  # per rank
-    num_batches_per_epoch: int = 4  # per rank
-    storage_dtype: str = "auto"  # dtype of the trajectory buffer; auto: the mixed-precision dtype
+    num_steps: int = opt(50, "DDIM steps")
+    eta: float = opt(1.0, "DDIM eta, in (0, 1]: the policy's noise scale (0 would be a deterministic sampler with "
+                          "no log-probability)")
+    guidance_scale: float = opt(5.0, "classifier-free guidance (<= 1: off)")
+    batch_size: int = opt(8, "per rank")
+    num_batches_per_epoch: int = opt(4, "per rank")
+    storage_dtype: str = opt("auto", "trajectory buffer dtype: `fp32`, `fp16`, `bf16`; `auto` = the mixed-precision "
+                                     "dtype")
 
 
 @dataclass
 class TrainConfig:
-    algorithm: str = "ddpo_is"
-    batch_size: int = 4  # per rank
-    learning_rate: float = 3e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    gradient_accumulation_steps: int = 1  # train batches per optimizer step
-    num_inner_epochs: int = 1
-    timestep_fraction: float = 1.0  # fraction of the DDIM steps trained per sample
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    cfg: bool = True  # classifier-free guidance during training
-    max_grad_norm: float = 1.0  # <= 0: no clipping
-    rwr_beta: float = 1.0  # RWR weight exp(beta * advantage), normalised over the batch
+    algorithm: str = opt("ddpo_is", "`ddpo_is` (PPO clip), `ddpo_sf` (REINFORCE, one inner epoch), `rwr`")
+    batch_size: int = opt(4, "samples per train batch, per rank")
+    learning_rate: float = opt(3e-4, "AdamW's learning rate")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = opt(1e-4, "AdamW weight decay")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    gradient_accumulation_steps: int = opt(1, "train batches per optimizer step")
+    num_inner_epochs: int = opt(1, "passes over each epoch's samples")
+    timestep_fraction: float = opt(1.0, "fraction of the DDIM steps trained per sample (chosen per sample before "
+                                        "sampling)")
+    clip_range: float = opt(1e-4, "PPO ratio clip")
+    adv_clip_max: float = opt(5.0, "advantage clip")
+    cfg: bool = opt(True, "classifier-free guidance during training")
+    max_grad_norm: float = opt(1.0, "gradient clipping (<= 0: off)")
+    rwr_beta: float = opt(1.0, "RWR weight exp(beta x advantage), normalised over the batch")
 
 
 @dataclass
 class StatTrackingConfig:
-    enabled: bool = True  # per-prompt normalisation; False: global normalisation
-    buffer_size: int = 16
-    min_count: int = 16
+    enabled: bool = opt(True, "per-prompt normalisation; false: over the whole batch")
+    buffer_size: int = opt(16, "rewards kept per prompt")
+    min_count: int = opt(16, "below this many, a prompt uses the batch statistics")
 
 
 @dataclass
 class LoraConfig:
-    rank: int = 4
-    alpha: float = 4.0
-    target_modules: str = "to_q,to_k,to_v,to_out.0"  # comma-separated
+    rank: int = opt(4, "LoRA rank")
+    alpha: float = opt(4.0, "LoRA alpha")
+    target_modules: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated module names LoRA adapts")
+
+
+@dataclass
+class WandbConfig:
+    project: str = opt("ddpo_fast", "wandb project (with `log_wandb=true`)")
+    name: str = opt("", "wandb run name; empty: the run directory's name")
+    entity: str = opt("", "wandb entity (team or user); empty: wandb's default")
 
 
 @dataclass
 class Config:
-    model: str = "tiny"  # "tiny", "sd15-random", a diffusers pipeline directory, or a hub id
-    reward: str = "jpeg_compressibility"  # registered name, module:function or NAME:WEIGHT,... (ddpo_fast.rewards)
-    reward_options: str = ""  # key=value,key=value passed to the reward, e.g. clip_model=DIR,mlp_weights=FILE
-    reward_device: str = ""  # device of the reward models (their `device` option), e.g. cuda:1; "": the reward's default
-    reward_server: str = ""  # "": in the trainer; auto: a reward server process started by rank 0; or http://HOST:PORT
-    reward_timeout: float = 600.0  # seconds a reward server request may take before it is retried (then an error)
-    prompts: str = "simple_animals"  # registered set, file:PATH, or module:function
-    seed: int = 0
-    num_epochs: int = 100
-    save_freq: int = 1  # epochs between sample grids
-    checkpoint_freq: int = 10  # epochs between checkpoints (and the last epoch, and on SIGTERM/SIGINT)
-    num_checkpoint_limit: int = 3  # checkpoints kept
-    use_lora: bool = False
-    mixed_precision: str = "auto"  # auto: bf16 on a GPU, no (fp32) on a CPU
-    attention: str = "sdpa"  # sdpa (PyTorch scaled_dot_product_attention) or xformers
-    compile: bool = False  # torch.compile the UNet for sampling and training
-    zero_stage: int = 1  # ZeRO-1: gradients cross the network once per optimizer step
-    deepspeed_config: str = ""  # a JSON file merged over the DeepSpeed config the trainer makes (e.g. offload)
-    engine: str = "auto"  # auto: DeepSpeed when launched with several ranks, else plain PyTorch
-    reward_workers: int = 2  # background threads computing rewards
-    log_wandb: bool = False
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    per_prompt_stat_tracking: StatTrackingConfig = field(default_factory=StatTrackingConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    model: str = opt("tiny", "`tiny` (built-in, random weights), `sd15-random` (Stable Diffusion 1.5's shapes, "
+                             "random weights: for throughput and memory measurements), a diffusers pipeline "
+                             "directory, or a hub id")
+    reward: str = opt("jpeg_compressibility", "`jpeg_compressibility`, `jpeg_incompressibility` (JPEG quality 95, "
+                                              "size in kB), `aesthetic`, `llava_bertscore`, `module:function`, or a "
+                                              "weighted sum `aesthetic:1.0,jpeg_compressibility:0.1` (see Rewards)")
+    reward_options: str = opt("", "options of the reward, `key=value,key=value` (e.g. `clip_model=DIR,mlp_weights=FILE`)")
+    reward_device: str = opt("", "device of the reward models (the reward's `device` option), e.g. `cuda:1`; empty: "
+                                 "the rank's GPU (`cuda:LOCAL_RANK`) if there is one, else the CPU")
+    reward_server: str = opt("", "empty: rewards computed in the trainer's process; `auto`: rank 0 starts a reward "
+                                 "server process that every rank sends its images to; `http://HOST:PORT`: a running "
+                                 "reward server (see Serving a reward)")
+    reward_timeout: float = opt(600.0, "seconds a reward server request may take before the run stops with an error "
+                                       "(not retried; a refused connection is retried twice first)")
+    prompts: str = opt("simple_animals", "`simple_animals`, `common_animals` (45), `animal_activities`, `file:PATH` "
+                                         "(one per line), or `module:function`")
+    seed: int = opt(0, "every random choice derives from (seed, epoch, batch, rank)")
+    num_epochs: int = opt(100, "epochs of the run (raise it on `--resume` to train on)")
+    save_freq: int = opt(1, "epochs between sample grids")
+    checkpoint_freq: int = opt(10, "epochs between checkpoints; the last epoch, and the last finished one on "
+                                   "SIGTERM/SIGINT, are always saved (see Stopping and resuming)")
+    num_checkpoint_limit: int = opt(3, "checkpoints kept")
+    max_nonfinite_epochs: int = opt(3, "stop with an error after this many consecutive epochs in which no reward "
+                                       "was finite")
+    use_lora: bool = opt(False, "LoRA through peft instead of the full UNet")
+    mixed_precision: str = opt("auto", "`auto` (bf16 on a GPU, fp32 on a CPU), `no`, `bf16`, `fp16` (fp16 needs "
+                                       "DeepSpeed's loss scaler: `engine=deepspeed`). The frozen VAE and text encoder "
+                                       "run in this dtype too")
+    attention: str = opt("sdpa", "`sdpa` (PyTorch's `scaled_dot_product_attention`: flash / memory-efficient kernels "
+                                 "on a GPU) or `xformers` (needs the package)")
+    compile: bool = opt(False, "`torch.compile` the UNet for sampling (with CUDA graphs on a GPU) and for training; "
+                               "see Performance on GPUs")
+    zero_stage: int = opt(1, "DeepSpeed ZeRO stage (0-3); 1 reduces the gradient once per optimizer step (see "
+                             "Several GPUs)")
+    deepspeed_config: str = opt("", "a JSON file merged over the DeepSpeed config the trainer makes (e.g. CPU "
+                                    "offload, bucket sizes); the keys the trainer sets itself (batch sizes, "
+                                    "accumulation, precision, clipping, optimizer, ZeRO stage) are refused with the "
+                                    "key to use instead")
+    engine: str = opt("auto", "`torch` (one process), `deepspeed`; `auto` = DeepSpeed when launched with several "
+                              "ranks")
+    reward_workers: int = opt(2, "threads of the reward pool")
+    log_wandb: bool = opt(False, "also log to wandb (scalars and sample grids; see `wandb.*`)")
+    sample: SampleConfig = section(SampleConfig)
+    train: TrainConfig = section(TrainConfig)
+    per_prompt_stat_tracking: StatTrackingConfig = section(StatTrackingConfig)
+    lora: LoraConfig = section(LoraConfig)
+    wandb: WandbConfig = section(WandbConfig)
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -272,17 +313,21 @@ def set_key(config: Config, key: str, raw) -> None:
     setattr(obj, name, _parse(key, raw, typ))
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`key=value` strings (the command line) -> {key: value}."""
+    parsed = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        parsed[key.strip()] = value
+    return parsed
+
+
 def apply_overrides(config: Config, overrides: list[str] | dict) -> Config:
     """Applies `key=value` strings (command line) or a {key: value} mapping."""
-    items = overrides.items() if isinstance(overrides, dict) else None
-    if items is None:
-        items = []
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-            key, value = item.split("=", 1)
-            items.append((key.strip(), value))
-    for key, value in items:
+    items = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    for key, value in items.items():
         set_key(config, key, value)
     return config
 
@@ -307,6 +352,98 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def from_dict(d: dict) -> Config:
     """The inverse of Config.to_dict (used to reload a run's config.json)."""
     return apply_overrides(Config(), _flatten(d))
+
+
+# ---- the key table: --help, the README and --config files ------------------------------------------
+def describe_keys(obj=None, prefix: str = "") -> list[tuple[str, typing.Any, str]]:
+    """(key, default, meaning) of every key, in declaration order."""
+    obj = Config() if obj is None else obj
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_keys(value, prefix + f.name + "."))
+        else:
+            rows.append((prefix + f.name, value, f.metadata.get("help", "")))
+    return rows
+
+
+def format_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        mantissa, e, exponent = format(value, "g").partition("e")
+        return mantissa + (e + str(int(exponent)) if e else "")
+    return str(value)
+
+
+def markdown_key_table() -> str:
+    """The README's table of keys (a test checks that the README holds exactly this)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, meaning in describe_keys():
+        shown = f"`{format_value(default)}`" if default != "" else "empty"
+        lines.append(f"| `{key}` | {shown} | {meaning} |")
+    return "\n".join(lines)
+
+
+def help_key_list() -> str:
+    """The keys, their defaults and meanings as `--help` lists them."""
+    import textwrap
+
+    out = []
+    for key, default, meaning in describe_keys():
+        out.append(f"  {key}={format_value(default)}")
+        out.extend(textwrap.wrap(meaning.replace("`", ""), 92, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(out)
+
+
+def read_config_file(path: str) -> dict:
+    """`--config FILE`: a YAML or JSON mapping of keys as on the command line (`train.learning_rate: 1e-4`)
+    or nested by section (`train: {learning_rate: 1e-4}`); returns {dotted key: value}."""
+    try:
+        text = open(path).read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # json and yaml raise their own types
+        raise ConfigError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: must hold a mapping of keys to values, got {type(data).__name__}")
+    flat = _flatten(data)
+    for key in flat:  # unknown keys fail here, naming the file
+        try:
+            _resolve(Config(), key)
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
+    return flat
+
+
+# ---- what --resume may change -------------------------------------------------------------------
+# Keys a resumed run applies from the epoch it continues at. Every other key is fixed by the run:
+# the model and what is trained (LoRA or full, its shape), the engine and ZeRO stage (the checkpoint's
+# format), the seed and the sampling and batch arithmetic (the epochs to come would not be the ones
+# the run would have made).
+RESUMABLE_KEYS = frozenset({
+    "num_epochs", "save_freq", "checkpoint_freq", "num_checkpoint_limit", "max_nonfinite_epochs",
+    "reward_timeout", "reward_workers", "reward_server", "reward_device", "log_wandb", "compile", "attention",
+    "wandb.project", "wandb.name", "wandb.entity",
+    "train.learning_rate", "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
+    "train.max_grad_norm", "train.clip_range", "train.adv_clip_max",
+})
+
+
+def changed_keys(old: Config, new: Config) -> dict[str, tuple]:
+    """{key: (old value, new value)} for every key that differs."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
 # ---- validation ----------------------------------------------------------------------------
@@ -334,6 +471,7 @@ def validate(config: Config, world_size: int = 1) -> Config:
     _check(config.num_epochs >= 1, f"num_epochs must be >= 1, got {config.num_epochs}")
     _check(config.save_freq >= 1, f"save_freq must be >= 1, got {config.save_freq}")
     _check(config.checkpoint_freq >= 1, f"checkpoint_freq must be >= 1, got {config.checkpoint_freq}")
+    _check(config.max_nonfinite_epochs >= 1, f"max_nonfinite_epochs must be >= 1, got {config.max_nonfinite_epochs}")
     _check(config.num_checkpoint_limit >= 1, f"num_checkpoint_limit must be >= 1, got {config.num_checkpoint_limit}")
     _check(0 <= config.seed < 2**32, f"seed must be in [0, 2**32), got {config.seed}")
     _check(config.mixed_precision in MIXED_PRECISIONS,
@@ -355,8 +493,9 @@ def validate(config: Config, world_size: int = 1) -> Config:
     _check(config.reward_timeout > 0 and math.isfinite(config.reward_timeout),
            f"reward_timeout must be > 0 seconds, got {config.reward_timeout}")
     _check(s.num_steps >= 1, f"sample.num_steps must be >= 1, got {s.num_steps}")
-    _check(s.eta > 0 and math.isfinite(s.eta),
-           f"sample.eta must be > 0 (eta = 0 is a deterministic sampler with no log-probability), got {s.eta}")
+    _check(0 < s.eta <= 1,
+           f"sample.eta must be in (0, 1] (eta = 0 is a deterministic sampler with no log-probability; the DDIM "
+           f"step is defined for eta <= 1), got {s.eta}")
     _check(math.isfinite(s.guidance_scale) and s.guidance_scale >= 0,
            f"sample.guidance_scale must be >= 0, got {s.guidance_scale}")
     _check(s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}")

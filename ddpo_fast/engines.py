@@ -49,6 +49,13 @@ def _adamw(params, t: cfg.TrainConfig) -> torch.optim.AdamW:
                              weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
 
 
+def set_optimizer_settings(param_groups, t: cfg.TrainConfig) -> None:
+    """The config's AdamW settings, over those a loaded checkpoint restored (a resume may change them)."""
+    for group in param_groups:
+        group.update(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
+                     eps=t.adam_epsilon)
+
+
 def _compiled(module, device: torch.device, sampling: bool):
     """torch.compile of the UNet; sampling (no grad, fixed shapes) replays CUDA graphs on a GPU. The
     two phases get two compiled graphs (inference, and forward-for-backward): they agree to rounding
@@ -112,6 +119,14 @@ class TorchEngine:
                 named[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.micro_steps, self.skipped_steps = state["micro_steps"], state["skipped_steps"]
+
+    def apply_optimizer_settings(self, t: cfg.TrainConfig) -> None:
+        set_optimizer_settings(self.optimizer.param_groups, t)
+        self.max_grad_norm = t.max_grad_norm
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
 
 def deepspeed_config(config: cfg.Config, precision: Precision) -> dict:
@@ -195,6 +210,15 @@ class DeepSpeedEngine:
         path, _ = self.engine.load_checkpoint(str(directory), tag="engine")
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+    def apply_optimizer_settings(self, t: cfg.TrainConfig) -> None:
+        # The ZeRO optimizer exposes the wrapped AdamW's groups; gradient clipping comes from the
+        # DeepSpeed config, built from this run's config.
+        set_optimizer_settings(self.engine.optimizer.param_groups, t)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.engine.optimizer.param_groups[0]["lr"]
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ weights. Nothing is downloaded. `save_pretrained` writes a normal diffusers dire
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -145,6 +146,28 @@ def build_sd15_random_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline
 
 
 BUILT_IN_MODELS = {"tiny": build_tiny_pipeline, "sd15-random": build_sd15_random_pipeline}
+
+
+def check_model_source(model: str) -> None:
+    """`model` names a built-in model, a pipeline directory or a valid hub id (checked without loading)."""
+    if model in BUILT_IN_MODELS:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"model={model!r}: the directory has no model_index.json (not a diffusers pipeline saved "
+                             "by save_pretrained)")
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or path.exists():  # a path, not a hub id
+        raise ValueError(f"model={model!r}: no such directory (expected {', '.join(BUILT_IN_MODELS)}, a diffusers "
+                         "pipeline directory or a hub id like runwayml/stable-diffusion-v1-5)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError as e:
+        raise ValueError(f"model={model!r}: neither {', '.join(BUILT_IN_MODELS)}, a directory, nor a valid hub id "
+                         f"({e})") from None
 
 
 def load_pipeline(model: str, seed: int = TINY_SEED) -> StableDiffusionPipeline:

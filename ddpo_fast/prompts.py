@@ -90,3 +90,18 @@ def get_prompt_fn(spec: str) -> PromptFn:
     if ":" in spec:
         return load_function(spec, "prompts")
     raise ValueError(f"prompts={spec!r}: expected one of {', '.join(PROMPT_SETS)}, file:PATH or module:function")
+
+
+def check_prompt_fn(spec: str) -> None:
+    """Resolves `prompts` and draws one prompt, so that a wrong function fails before any model is built."""
+    fn = get_prompt_fn(spec)
+    try:
+        result = fn(random.Random(0))
+    except Exception as e:  # the user's function: any error
+        raise ValueError(f"prompts={spec!r}: calling it with a random.Random raised {type(e).__name__}: {e} "
+                         "(a prompt function takes a random.Random and returns (prompt, metadata dict))") from e
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)
+            and isinstance(result[1], dict)):
+        raise ValueError(f"prompts={spec!r}: returned {result!r:.80}; a prompt function returns "
+                         "(prompt string, metadata dict)")
+

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -35,18 +36,19 @@ import torch
 
 from ddpo_fast import config as cfg
 from ddpo_fast import distributed
-from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages
-from ddpo_fast.checkpoints import (CHECKPOINT_PREFIX, StopRequests, Stopped, checkpoint_epoch, list_checkpoints,
-                                   save_checkpoint, save_final_model)
+from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages, per_prompt_stats
+from ddpo_fast.checkpoints import CHECKPOINT_PREFIX, StopRequests, Stopped, save_checkpoint, save_final_model
 from ddpo_fast.distributed import log, mean_across_ranks
 from ddpo_fast.engines import DeepSpeedEngine, TorchEngine, prepare_unet
 from ddpo_fast.ops import ddim_ppo_loss, ddim_step_logprob, scheduler_alphas
 from ddpo_fast.precision import Precision, unet_forward
-from ddpo_fast.prompts import get_prompt_fn
-from ddpo_fast.rewards import RewardPool
+from ddpo_fast.models import check_model_source
+from ddpo_fast.prompts import check_prompt_fn, get_prompt_fn
+from ddpo_fast.rewards import RewardError, RewardPool
 from ddpo_fast.rewards import check as check_reward
 from ddpo_fast.rewards.client import RewardServerError
 from ddpo_fast.rewards.run import make_reward, reward_options
+from ddpo_fast.run_dir import Resume, RunFinished, check_new_run, plan_resume, start_new_run, write_config
 from ddpo_fast.run_logging import Logger, save_grid, save_samples
 from ddpo_fast.sampling import DTYPES, Trajectories, decode_images, derive_seed, sample_batch
 
@@ -73,6 +75,7 @@ class Trainer:
                                              config.per_prompt_stat_tracking.min_count)
                         if config.per_prompt_stat_tracking.enabled else None)
         self.dropped_samples = 0
+        self.nonfinite_epochs = 0  # consecutive epochs without a finite reward
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         from ddpo_fast.models import encode_prompts
@@ -98,11 +101,12 @@ class Trainer:
             raise _StopSampling
 
         # 2. advantages over the rewards of all ranks; non-finite rewards are dropped (advantage 0)
-        advantages, all_rewards, all_advantages = compute_advantages(rewards, prompts, self.tracker, self.rank,
-                                                                     self.device)
+        advantages, all_rewards, all_advantages, all_prompts = compute_advantages(rewards, prompts, self.tracker,
+                                                                                  self.rank, self.device)
         valid = np.isfinite(all_rewards)
         dropped = int((~valid).sum())
         self.dropped_samples += dropped
+        self.check_rewards_finite(epoch, dropped, len(all_rewards))
         weights = self.rwr_weights(all_advantages, valid)
 
         # 3. the policy update
@@ -125,11 +129,24 @@ class Trainer:
             "skipped_steps": self.engine.skipped_steps - skipped_before,
             "dropped_samples": dropped,
             "buffer_bytes_per_sample": traj.bytes_per_sample(),
+            "learning_rate": self.engine.learning_rate,
             **{f"reward_info/{k}": v for k, v in info.items()},
+            "per_prompt": per_prompt_stats(all_prompts, all_rewards),
         }
         record["_grid"] = (images, prompts[:len(images)], rewards[:len(images)].numpy())
         record["_samples"] = samples  # this rank's prompts, rewards and per-image reward info
         return record
+
+    def check_rewards_finite(self, epoch: int, dropped: int, total: int) -> None:
+        """Says when rewards were dropped; stops after `max_nonfinite_epochs` epochs without one finite reward."""
+        self.nonfinite_epochs = self.nonfinite_epochs + 1 if dropped == total else 0
+        if dropped:
+            log(f"warning: epoch {epoch}: {dropped} of {total} rewards were not finite (NaN or inf); those samples "
+                "are dropped (advantage 0)")
+        if self.nonfinite_epochs >= self.config.max_nonfinite_epochs:
+            raise RewardError(f"reward {self.config.reward} gave no finite reward in {self.nonfinite_epochs} epochs in "
+                              f"a row (max_nonfinite_epochs={self.config.max_nonfinite_epochs}); the run stops "
+                              "rather than train on nothing")
 
     # 1. sampling ------------------------------------------------------------------------------
     def sample_epoch(self, epoch: int, progress):
@@ -241,47 +258,65 @@ class Trainer:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m ddpo_fast.train",
-        description="DDPO finetuning of a Stable Diffusion UNet. Settings are key=value overrides of a preset.")
-    parser.add_argument("--preset", default=cfg.DEFAULT_PRESET, help=f"one of: {', '.join(cfg.PRESETS)}")
-    parser.add_argument("--run-dir", help="output directory (config.json, metrics.jsonl, plots, checkpoints, model)")
+        description="DDPO finetuning of a Stable Diffusion UNet. Settings are key=value overrides of a preset "
+                    "(then of --config FILE, then of the command line).",
+        epilog="keys (key=default):\n" + cfg.help_key_list(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help=f"one of: {', '.join(cfg.PRESETS)} (default {cfg.DEFAULT_PRESET})")
+    parser.add_argument("--config", metavar="FILE", help="a YAML or JSON file of keys (as on the command line, or "
+                                                         "nested by section); key=value arguments win over it")
+    parser.add_argument("--run-dir", help="output directory (config.json, metrics.jsonl, plots, checkpoints, model); "
+                                          "must be new or empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete what an earlier run left in --run-dir and start again")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     if args.resume and args.run_dir and Path(args.run_dir) != Path(args.resume):
         parser.error("--resume RUN_DIR continues in RUN_DIR; do not also give a different --run-dir")
+    if args.resume and args.preset:
+        parser.error("--preset is not used with --resume: the run's config.json holds its settings")
+    if args.resume and args.overwrite:
+        parser.error("--overwrite starts a new run; --resume continues one: give one of them")
     if not args.resume and not args.run_dir:
         parser.error("give --run-dir DIR (a new run) or --resume RUN_DIR")
     return args
 
 
-def resolve_config(args, world_size: int) -> tuple[cfg.Config, Path]:
-    """The validated config and the run directory; raises ConfigError before any model is built."""
+def resolve_config(args, world_size: int) -> tuple[cfg.Config, Path, Resume | None]:
+    """The validated config, the run directory and, with --resume, what to resume; raises ConfigError
+    before anything is written or any model is built."""
+    overrides = cfg.read_config_file(args.config) if args.config else {}
+    overrides.update(cfg.parse_overrides(args.overrides))  # the command line wins
+    resume = None
     if args.resume:
         run_dir = Path(args.resume)
-        path = run_dir / "config.json"
-        if not path.is_file():
-            raise cfg.ConfigError(f"--resume {run_dir}: no config.json there (not a run directory)")
-        config = cfg.apply_overrides(cfg.from_dict(json.loads(path.read_text())), args.overrides)
+        resume = plan_resume(run_dir, overrides, world_size)
+        config = resume.config
     else:
         run_dir = Path(args.run_dir)
-        config = cfg.from_preset(args.preset, args.overrides)
+        check_new_run(run_dir, args.overwrite)
+        config = cfg.from_preset(args.preset or cfg.DEFAULT_PRESET, overrides)
     cfg.validate(config, world_size)
+    check_environment(config)
+    return config, run_dir, resume
+
+
+def check_environment(config: cfg.Config) -> None:
+    """What the values need from this machine: packages, files, importable user functions."""
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise cfg.ConfigError("mixed_precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
-    if config.attention == "xformers":
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise cfg.ConfigError("attention=xformers needs the xformers package (pip install xformers); "
-                                  "attention=sdpa needs nothing") from None
+    for key, package, needed in [("attention=xformers", "xformers", config.attention == "xformers"),
+                                 ("log_wandb=true", "wandb", config.log_wandb)]:
+        if needed and importlib.util.find_spec(package) is None:
+            raise cfg.ConfigError(f"{key} needs the {package} package (pip install {package})")
     try:
+        check_model_source(config.model)
         if config.reward_server in ("", "auto"):  # a running server was started with its own options
             check_reward(config.reward, **reward_options(config))
-        get_prompt_fn(config.prompts)
+        check_prompt_fn(config.prompts)
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from None
-    return config, run_dir
 
 
 def configure_device(device: torch.device) -> None:
@@ -316,7 +351,7 @@ def describe(config: cfg.Config, world_size: int, engine_name: str, precision: P
 def main(argv=None) -> Path:
     args = parse_args(argv)
     rank, _, world_size = distributed.world()
-    config, run_dir = resolve_config(args, world_size)  # all errors before any model is built
+    config, run_dir, resume = resolve_config(args, world_size)  # all errors before anything is written or built
     engine_name = cfg.resolved_engine(config, world_size)
     device = distributed.rank_device()
     from ddpo_fast.rewards.run import SERVER_STARTUP_TIMEOUT
@@ -325,28 +360,21 @@ def main(argv=None) -> Path:
                      use_deepspeed=engine_name == "deepspeed")
     configure_device(device)
     precision = Precision.for_device(config.mixed_precision, device)
-
-    start_epoch, checkpoint = 0, None
-    if args.resume:
-        checkpoints = list_checkpoints(run_dir)
-        if checkpoints:
-            checkpoint = checkpoints[-1]
-            start_epoch = checkpoint_epoch(checkpoint) + 1
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.to_json())
+    if resume is None and rank == 0:  # every rank has checked the directory before joining the group
+        start_new_run(run_dir, config, args.overwrite)
+    distributed.barrier()
     log(describe(config, world_size, engine_name, precision))
 
     with contextlib.ExitStack() as stack:
         reward_fn, server = make_reward(config, run_dir)  # first: a reward that cannot start fails fast
         if server is not None:
             stack.callback(server.close)
-        return _train(config, run_dir, engine_name, device, precision, start_epoch, checkpoint, reward_fn)
+        return _train(config, run_dir, engine_name, device, precision, resume, reward_fn)
 
 
 def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.device, precision: Precision,
-           start_epoch: int, checkpoint: Path | None, reward_fn) -> Path:
-    rank = distributed.world()[0]
+           resume: Resume | None, reward_fn) -> Path:
+    rank, _, world_size = distributed.world()
     from ddpo_fast.models import load_pipeline, place_pipeline, set_attention
 
     torch.manual_seed(config.seed)
@@ -358,21 +386,30 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
     pool = RewardPool(reward_fn, workers=config.reward_workers, device=device)
     stop = StopRequests()
     trainer = Trainer(config, run_dir, pipe, engine, device, precision, get_prompt_fn(config.prompts), pool, stop)
-    last_saved = None
-    if checkpoint is not None:
-        engine.load(checkpoint)
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if trainer.tracker is not None and state.get("tracker") is not None:
-            trainer.tracker.load_state_dict(state["tracker"])
-        trainer.dropped_samples = state.get("dropped_samples", 0)
-        last_saved = state["epoch"]
-        log(f"resumed from {checkpoint} at epoch {start_epoch}")
+    start_epoch, last_saved = 0, None
+    if resume is not None:
+        start_epoch = resume.start_epoch
+        if resume.checkpoint is not None:
+            engine.load(resume.checkpoint)
+            engine.apply_optimizer_settings(config.train)  # the checkpoint restored the old ones
+            state = json.loads((resume.checkpoint / "trainer_state.json").read_text())
+            if trainer.tracker is not None and state.get("tracker") is not None:
+                trainer.tracker.load_state_dict(state["tracker"])
+            trainer.dropped_samples = state.get("dropped_samples", 0)
+            last_saved = state["epoch"]
+            log(f"resumed from {resume.checkpoint} at epoch {start_epoch}")
+        if rank == 0:  # written once the checkpoint loaded: what config.json says is what runs
+            changes = {k: list(v) for k, v in resume.changes.items()}
+            history = resume.history + ([{"epoch": start_epoch, "changes": changes}] if changes else [])
+            write_config(run_dir, config, history)
+        if resume.changes:
+            log(f"changed on resume, from epoch {start_epoch}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in resume.changes.items()))
     logger = Logger(run_dir, config, start_epoch) if rank == 0 else None
     log(f"trajectory buffer: {describe_buffer(trainer, config)}")
 
     def checkpoint_of(epoch: int) -> Path:
         state = {"epoch": epoch, "tracker": trainer.tracker.state_dict() if trainer.tracker else None,
-                 "dropped_samples": trainer.dropped_samples}
+                 "dropped_samples": trainer.dropped_samples, "engine": engine_name, "world_size": world_size}
         return save_checkpoint(run_dir, epoch, engine, state, config.num_checkpoint_limit)
 
     try:
@@ -398,7 +435,9 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
                           f"loss {record['loss']:.3g}  kl {record['approx_kl']:.3g}  clipfrac {record['clipfrac']:.3f}  "
                           f"{record['samples_per_s']:.2f} samples/s", flush=True)
                     if epoch % config.save_freq == 0 or last:
-                        save_grid(run_dir / "samples" / f"epoch_{epoch:04d}.png", images, grid_prompts, grid_rewards)
+                        grid = run_dir / "samples" / f"epoch_{epoch:04d}.png"
+                        save_grid(grid, images, grid_prompts, grid_rewards)
+                        logger.log_grid(grid, epoch)
                         save_samples(run_dir / "samples" / f"epoch_{epoch:04d}.jsonl", samples)
                 stopping = trainer.stop_requested()
                 if (epoch + 1) % config.checkpoint_freq == 0 or last or stopping:
@@ -447,8 +486,12 @@ def cli(argv=None) -> int:
     except cfg.ConfigError as e:
         print(f"ddpo_fast.train: error: {e}", file=sys.stderr)
         return 2
-    except RewardServerError as e:  # the checkpoints written so far stay; --resume continues the run
-        print(f"ddpo_fast.train: error: {e}", file=sys.stderr)
+    except RunFinished as e:
+        log(f"ddpo_fast.train: {e}")
+        return 0
+    except (RewardServerError, RewardError) as e:  # the checkpoints written so far stay; --resume continues the run
+        print(f"ddpo_fast.train: error: {e}\nThe checkpoints written so far are kept; continue with --resume.",
+              file=sys.stderr)
         return 1
     except Stopped as e:
         log(f"ddpo_fast.train: {e}")

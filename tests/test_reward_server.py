@@ -3,18 +3,19 @@ import http.client
 import json
 import math
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ddpo_fast import rewards
-from ddpo_fast.rewards import client
 from ddpo_fast.rewards.client import RemoteReward, RewardServerError, health, start_server
 from train_helpers import REPO, env
 
@@ -199,7 +200,7 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(jpeg_server):
         assert message in answer["error"], (name, answer)
     status, answer = raw(jpeg_server.url, "POST", "/reward", headers={})
     assert status == 400 and "Content-Length" in answer["error"]
-    status, answer = raw(jpeg_server.url, "POST", "/reward", headers={"Content-Length": str(2 ** 31)})
+    status, answer = raw(jpeg_server.url, "POST", "/reward", headers={"Content-Length": "-5"})
     assert status == 400 and "Content-Length" in answer["error"]
     images, prompts, metadata = _good()
     status, answer = raw(jpeg_server.url, "POST", "/reward", encode(JPEG, images, prompts, metadata))
@@ -221,7 +222,7 @@ def test_reward_raising_is_a_500_and_the_server_keeps_serving(info_server):
     images = random_images(2, seed=5)
     status, answer = raw(info_server.url, "POST", "/reward", encode(INFO, images, ["explode", "x"], [{}, {}]))
     assert status == 500
-    assert answer["error"] == f"reward {INFO} failed: RuntimeError: asked to explode"
+    assert answer["error"].startswith(f"reward {INFO} failed: reward info_reward raised RuntimeError: asked to explode")
     remote = RemoteReward(info_server.url, INFO, retries=0)
     with pytest.raises(RewardServerError, match="asked to explode"):
         remote(images, ["explode", "x"], [{}, {}])
@@ -274,7 +275,7 @@ def test_a_failing_request_fails_alone_not_its_whole_batch():
     calls, answers = _run_batcher(jobs)
     assert calls == [4, 1, 1, 1, 1]  # the batch, then each request alone
     assert isinstance(answers[1], RewardFailed)
-    assert str(answers[1]) == "reward spy failed: RuntimeError: asked to explode"
+    assert str(answers[1]).startswith("reward spy failed: reward spy raised RuntimeError: asked to explode (at ")
     for k in (0, 2, 3):
         assert answers[k]["rewards"] == jobs[k].images.float().mean(dim=(1, 2, 3)).tolist()
         assert answers[k]["info"] == {"answers": [f"ok{k}#{int(jobs[k].images.sum())}"], "batch_images": 1}
@@ -372,10 +373,57 @@ def test_client_argument_errors_name_the_argument(monkeypatch):
         remote(images, prompts, [{}])
     with pytest.raises(TypeError, match=r"^metadata\[1\]\['f'\] is a object"):
         remote(images, prompts, [{}, {"f": object()}])
-    monkeypatch.setattr(client, "MAX_BODY_BYTES", 100)
-    with pytest.raises(ValueError, match=r"^images of shape \(2, 3, 8, 8\) make a .*-byte request, more than"):
-        remote(images, prompts, metadata)
     with pytest.raises(ValueError, match="^url="):
         RemoteReward("localhost:8000", JPEG)
     with pytest.raises(ValueError, match="^timeout must"):
         RemoteReward("http://127.0.0.1:9", JPEG, timeout=0)
+
+
+# ---- request size ------------------------------------------------------------------------------------
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
+def test_memory_follows_the_bytes_received_not_the_declared_length(tmp_path):
+    """Idle connections declaring 512 MiB bodies: the server allocated them up front before (1 GiB here)."""
+    with serve(JPEG, tmp_path, max_request_bytes=1 << 30) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        before = _rss_bytes(server.process.pid)
+        idle = []
+        for _ in range(2):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /reward HTTP/1.1\r\nHost: x\r\nContent-Length: 536870912\r\n\r\n" + b"\0" * 1000)
+            idle.append(sock)
+        time.sleep(1.0)  # the handler threads have read the headers and what was sent
+        grown = _rss_bytes(server.process.pid) - before
+        for sock in idle:
+            sock.close()
+        assert grown < 64 << 20, f"the server grew by {grown >> 20} MiB for two idle 512 MiB declarations"
+        images, prompts, metadata = _good()  # and it still serves
+        assert server.remote()(images, prompts, metadata)[0].shape == (2,)
+
+
+def test_request_above_the_cap_gets_413_and_a_clear_client_error(tmp_path):
+    images, prompts, metadata = _good()
+    small = len(encode(JPEG, images, prompts, metadata))
+    with serve(JPEG, tmp_path, max_request_bytes=small) as server:
+        status, answer = raw(server.url, "POST", "/reward", encode(JPEG, images, prompts, metadata))
+        assert status == 200
+        big = random_images(3)
+        status, answer = raw(server.url, "POST", "/reward", encode(JPEG, big, ["a"] * 3, [{}] * 3))
+        assert status == 413 and f"({small} bytes, --max-request-bytes)" in answer["error"]
+        with pytest.raises(ValueError, match=r"refused the request: request of \d+ bytes is larger than this server"):
+            server.remote()(big, ["a"] * 3, [{}] * 3)
+        assert server.remote()(images, prompts, metadata)[0].shape == (2,)  # still serving
+
+
+def test_default_cap_fits_max_batch_images_of_1024():
+    from ddpo_fast.rewards.serve import build_parser, default_max_request_bytes
+
+    assert default_max_request_bytes(64) == 64 * 3 * 1024 * 1024 + (16 << 20)
+    assert build_parser().parse_args(["--reward", JPEG]).max_request_bytes is None  # main() fills the default
+

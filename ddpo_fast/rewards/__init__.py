@@ -26,6 +26,7 @@ import contextlib
 import inspect
 import math
 import threading
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from ddpo_fast.rewards import aesthetic as _aesthetic
 from ddpo_fast.rewards import alignment as _alignment
 from ddpo_fast.rewards.jpeg import JPEG_QUALITY, jpeg_compressibility, jpeg_incompressibility, jpeg_sizes_kb
 
-__all__ = ["JPEG_QUALITY", "REWARDS", "RewardPool", "build", "check", "jpeg_compressibility",
+__all__ = ["JPEG_QUALITY", "REWARDS", "RewardError", "RewardPool", "build", "check", "jpeg_compressibility",
            "jpeg_incompressibility", "jpeg_sizes_kb", "parse_options", "register_builder", "register_reward"]
 
 RewardFn = Callable[[torch.Tensor, list, list], tuple]
@@ -131,9 +132,23 @@ def _builder(name: str, spec: str) -> _Builder:
         return _BUILDERS[name]
     if ":" in name:
         fn = load_function(name, "reward")
+        _check_signature(fn, name)
         return _Builder(_no_options, lambda: _UserReward(name, fn))
     raise ValueError(f"reward={spec!r}: unknown reward {name!r}; expected one of {', '.join(sorted(_BUILDERS))} "
                      "or module:function")
+
+
+def _check_signature(fn, spec: str) -> None:
+    """A user reward must accept (images, prompts, metadata)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: the first call will tell
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        raise ValueError(f"reward={spec!r}: a reward function is called as fn(images, prompts, metadata), but "
+                         f"{getattr(fn, '__name__', spec)}{signature} cannot take those three arguments") from None
 
 
 def _accepted(builder: _Builder) -> list[str]:
@@ -175,18 +190,37 @@ def build(spec: str, **options) -> RewardFn:
 
 
 # ---- calling rewards ------------------------------------------------------------------------------
+class RewardError(RuntimeError):
+    """A reward function raised or returned something other than (rewards (N,), info dict)."""
+
+
 def _checked_call(fn: RewardFn, images: torch.Tensor, prompts: list, metadata: list) -> tuple[torch.Tensor, dict]:
     """Calls a reward function and checks its answer: (float32 CPU tensor (N,), dict)."""
     name = getattr(fn, "__name__", type(fn).__name__)
-    result = fn(images, prompts, metadata)
+    n = images.shape[0]
+    try:
+        result = fn(images, prompts, metadata)
+    except RewardError:
+        raise
+    except Exception as e:  # the reward's own failure: say which reward and where
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise RewardError(f"reward {name} raised {type(e).__name__}: {e} (at {frame.filename}:{frame.lineno}, "
+                          f"on a batch of {n} images)") from e
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise TypeError(f"reward function {name} must return (rewards, info), got {type(result).__name__}")
+        raise RewardError(f"reward {name} must return (rewards, info), got {type(result).__name__}")
     rewards, info = result
-    rewards = rewards if torch.is_tensor(rewards) else torch.as_tensor(np.asarray(rewards, dtype=np.float32))
-    rewards = rewards.detach().float().cpu().reshape(-1)
-    if rewards.shape[0] != images.shape[0]:
-        raise ValueError(f"reward function {name} returned {rewards.shape[0]} rewards for {images.shape[0]} images")
-    return rewards, dict(info or {})
+    try:
+        rewards = rewards if torch.is_tensor(rewards) else torch.as_tensor(np.asarray(rewards, dtype=np.float32))
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward {name} returned rewards that are not numbers ({e})") from None
+    if rewards.is_complex() or rewards.dtype == torch.bool:
+        raise RewardError(f"reward {name} returned rewards of dtype {rewards.dtype}; expected real numbers")
+    if tuple(rewards.shape) not in ((n,), (n, 1)):
+        raise RewardError(f"reward {name} returned rewards of shape {tuple(rewards.shape)} for {n} images; "
+                          f"expected shape ({n},), one reward per image")
+    if not isinstance(info or {}, dict):
+        raise RewardError(f"reward {name} returned info of type {type(info).__name__}; expected a dict")
+    return rewards.detach().float().cpu().reshape(-1), dict(info or {})
 
 
 class _UserReward:

@@ -28,7 +28,6 @@ import torch
 import ddpo_fast
 
 HEADER_LENGTH_BYTES = 4  # the body starts with the header length, big-endian
-MAX_BODY_BYTES = 1 << 30  # 1 GiB: the most the server takes in one request (it bounds what it allocates)
 BACKOFF_S = 0.5  # before the first retry; doubled for each further one
 
 
@@ -143,7 +142,7 @@ class RemoteReward:
     `reward` is the spec the server serves (it refuses another). A request that gets no answer within
     `timeout` seconds is a RewardServerError (not retried: the server may still be computing it); a
     refused or reset connection or a 503 is retried `retries` more times (after 0.5 s, 1 s, 2 s, ...),
-    then RewardServerError. A 400 (bad request) raises ValueError and a 500 (the
+    then RewardServerError. A 400 (bad request) or 413 (too large) raises ValueError and a 500 (the
     reward raised) RewardServerError, both with the server's message and without retrying.
     """
 
@@ -166,12 +165,8 @@ class RemoteReward:
                              "metadata": metadata}).encode()
         pixels = images.detach().cpu().contiguous().numpy().reshape(-1)
         body = [len(header).to_bytes(HEADER_LENGTH_BYTES, "big") + header, memoryview(pixels)]
-        size = len(body[0]) + len(body[1])
-        if size > MAX_BODY_BYTES:  # the server would refuse it, after we sent it all
-            raise ValueError(f"images of shape {tuple(images.shape)} make a {size}-byte request, more than the "
-                             f"reward server takes ({MAX_BODY_BYTES}); call it on smaller batches")
         status, data = self._post(body)
-        if status == 400:
+        if status in (400, 413):
             raise ValueError(f"reward server {self.url} refused the request: {_error_of(data)}")
         if status != 200:
             raise RewardServerError(f"reward server {self.url} answered {status}: {_error_of(data)}")
@@ -255,7 +250,8 @@ def _log_tail(path: Path, lines: int = 20) -> str:
 
 def start_server(reward: str, options: dict[str, str] | None = None, device: str | None = None, *,
                  startup_timeout: float = 600.0, log_path: str | Path | None = None, max_batch: int = 64,
-                 batch_wait_ms: float = 5.0, env: dict[str, str] | None = None) -> RewardServer:
+                 batch_wait_ms: float = 5.0, max_request_bytes: int | None = None,
+                 env: dict[str, str] | None = None) -> RewardServer:
     """Starts `python -m ddpo_fast.rewards.serve` on a free local port and waits until it is ready.
 
     The server exits by itself when this process is gone (--parent-pid). Its output goes to `log_path`
@@ -276,6 +272,8 @@ def start_server(reward: str, options: dict[str, str] | None = None, device: str
     cmd = [sys.executable, "-m", "ddpo_fast.rewards.serve", f"--reward={reward}", "--port=0",
            f"--port-file={port_file}", f"--parent-pid={os.getpid()}", f"--max-batch={max_batch}",
            f"--batch-wait-ms={batch_wait_ms}"]
+    if max_request_bytes is not None:
+        cmd.append(f"--max-request-bytes={max_request_bytes}")
     if options:
         cmd.append("--reward-options=" + ",".join(f"{k}={v}" for k, v in options.items()))
     if device is not None:

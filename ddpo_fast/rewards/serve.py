@@ -18,7 +18,9 @@ Wire format (stdlib HTTP, no dependencies):
        -> 200 {"rewards": [N floats; NaN and Infinity written as in Python's json], "info": {...}}
           An info value that is a list with one entry per image of the reward call is split back to
           each request; any other value is batch-level (of the whole call) and goes to every request.
-       -> 400 {"error": ...} for a malformed request, 500 {"error": ...} if the reward raised,
+       -> 400 {"error": ...} for a malformed request, 413 {"error": ...} for a body above
+          --max-request-bytes (bodies are read as they arrive, never allocated from Content-Length),
+          500 {"error": ...} if the reward raised,
           404 for an unknown path. The server keeps serving after any of them.
 """
 from __future__ import annotations
@@ -45,15 +47,30 @@ import numpy as np
 import torch
 
 from ddpo_fast import rewards
-from ddpo_fast.rewards.client import MAX_BODY_BYTES
 
 HEADER_LENGTH = struct.Struct(">I")
 HEADER_FIELDS = ("reward", "shape", "prompts", "metadata")
 PARENT_POLL_S = 2.0
+READ_CHUNK_BYTES = 1 << 20  # request bodies are read this much at a time
+LARGEST_IMAGE = (3, 1024, 1024)  # the default cap fits --max-batch images of this size (SDXL's)
+HEADER_ALLOWANCE_BYTES = 16 << 20  # and the JSON header (prompts, metadata)
+
+
+def default_max_request_bytes(max_batch: int) -> int:
+    return max_batch * math.prod(LARGEST_IMAGE) + HEADER_ALLOWANCE_BYTES
 
 
 class BadRequest(ValueError):
     """A malformed request: answered 400 with this message."""
+
+
+class TooLarge(ValueError):
+    """A request body above --max-request-bytes: answered 413."""
+
+    def __init__(self, length: int, cap: int):
+        super().__init__(f"request of {length} bytes is larger than this server takes ({cap} bytes, "
+                         "--max-request-bytes); send smaller batches or start the server with a larger cap")
+        self.length = length
 
 
 class RewardFailed(RuntimeError):
@@ -220,7 +237,8 @@ class Batcher:
                 return
             traceback.print_exc()
             self.requests += 1
-            batch[0].future.set_exception(RewardFailed(f"reward {self.spec} failed: {type(e).__name__}: {e}"))
+            what = str(e) if isinstance(e, rewards.RewardError) else f"{type(e).__name__}: {e}"  # says which reward
+            batch[0].future.set_exception(RewardFailed(f"reward {self.spec} failed: {what}"))
             return
         self.requests += len(batch)
         for job, answer in zip(batch, answers):
@@ -252,6 +270,8 @@ class Handler(BaseHTTPRequestHandler):
             job = parse_request(self._read_body(), self.server.batcher.spec)
         except BadRequest as e:
             return self._send(400, {"error": str(e)})
+        except TooLarge as e:
+            return self._refuse_too_large(e)
         finally:
             self.server.batcher.arrival(-1)
         try:
@@ -264,6 +284,8 @@ class Handler(BaseHTTPRequestHandler):
         return urllib.parse.urlsplit(self.path).path
 
     def _read_body(self) -> bytearray:
+        """The body, read in chunks as it arrives: memory follows the bytes received, not the length a
+        client declares (idle connections declaring gigabytes would otherwise fill the machine)."""
         given = self.headers.get("Content-Length")
         if given is None:
             self.close_connection = True
@@ -272,17 +294,31 @@ class Handler(BaseHTTPRequestHandler):
             length = int(given)
         except ValueError:
             length = -1
-        if not 0 <= length <= MAX_BODY_BYTES:
+        if length < 0:
             self.close_connection = True  # the body is left unread
-            raise BadRequest(f"Content-Length {given!r} is not a byte count of at most {MAX_BODY_BYTES}")
-        body = bytearray(length)
-        view, got = memoryview(body), 0
-        while got < length:
-            read = self.rfile.readinto(view[got:])
-            if not read:
-                raise BadRequest(f"body ended after {got} of its {length} bytes (Content-Length)")
-            got += read
+            raise BadRequest(f"Content-Length {given!r} is not a byte count")
+        cap = self.server.max_request_bytes
+        if length > cap:
+            raise TooLarge(length, cap)
+        body = bytearray()
+        while len(body) < length:
+            chunk = self.rfile.read(min(READ_CHUNK_BYTES, length - len(body)))
+            if not chunk:
+                raise BadRequest(f"body ended after {len(body)} of its {length} bytes (Content-Length)")
+            body += chunk
         return body
+
+    def _refuse_too_large(self, e: TooLarge) -> None:
+        """413, then the body read and dropped chunk by chunk, so that the client (which sends all of it
+        before reading) gets the answer instead of a reset connection."""
+        self._send(413, {"error": str(e)})
+        left = e.length
+        while left > 0:
+            chunk = self.rfile.read(min(READ_CHUNK_BYTES, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+        self.close_connection = True
 
     def _send(self, status: int, answer: dict | bytes) -> None:
         data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
@@ -304,10 +340,10 @@ class RewardHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # many ranks connecting at once must not overflow the listen backlog
 
-    def __init__(self, host: str, port: int, batcher: Batcher):
+    def __init__(self, host: str, port: int, batcher: Batcher, max_request_bytes: int):
         if ":" in host:
             self.address_family = socket.AF_INET6
-        self.batcher = batcher
+        self.batcher, self.max_request_bytes = batcher, max_request_bytes
         super().__init__((host, port), Handler)
 
     def server_bind(self) -> None:
@@ -365,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port-file", metavar="PATH",
                         help="write the port here once the reward is built and the server listens")
     parser.add_argument("--max-batch", type=int, default=64, help="most images per reward call (default 64)")
+    parser.add_argument("--max-request-bytes", type=int, metavar="BYTES",
+                        help="largest request body taken (413 above it; default: --max-batch images of "
+                             f"{LARGEST_IMAGE[1]}x{LARGEST_IMAGE[2]} plus {HEADER_ALLOWANCE_BYTES >> 20} MiB)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long a call waits for requests still being received (default 5; "
                              "a lone client does not wait)")
@@ -388,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch < 1:
         parser.error(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_request_bytes is None:
+        args.max_request_bytes = default_max_request_bytes(args.max_batch)
+    if args.max_request_bytes < 1:
+        parser.error(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
     if not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
         parser.error(f"--batch-wait-ms must be a finite number >= 0, got {args.batch_wait_ms}")
     if args.parent_pid is not None and args.parent_pid <= 0:
@@ -402,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     fn = rewards.build(args.reward, **options)
     batcher = Batcher(fn, args.reward, args.max_batch, args.batch_wait_ms / 1000.0)
     try:
-        server = RewardHTTPServer(args.host, args.port, batcher)
+        server = RewardHTTPServer(args.host, args.port, batcher, args.max_request_bytes)
     except OSError as e:
         sys.exit(f"ddpo_fast reward server: cannot listen on {args.host}:{args.port}: {e}")
     port = server.server_address[1]
