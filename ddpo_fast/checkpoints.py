@@ -61,10 +61,21 @@ def save_final_model(pipe, unet, config: cfg.Config, run_dir: Path) -> Path:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         out = run_dir / "lora"
         StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
-        return out
-    out = run_dir / "unet"
-    unet.save_pretrained(str(out))
+    else:
+        out = run_dir / "unet"
+        unet.save_pretrained(str(out))
+    _default_permissions(out)
     return out
+
+
+def _default_permissions(directory: Path) -> None:
+    """The saver writes through a private temporary file (mode 0600); give the model the mode any new
+    file gets (the umask's), so that others who may read the run can load it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 
 class StopRequests:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -166,6 +167,11 @@ class DeepSpeedEngine:
 
     def __init__(self, module, params, config: cfg.Config, precision: Precision, device: torch.device):
         import deepspeed
+
+        # DeepSpeed's ZeRO calls a collective that torch 2.13 deprecates: a warning per rank and epoch
+        # that the user can do nothing about.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                                category=FutureWarning)
 
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=_adamw(params, config.train),
                                                     config=deepspeed_config(config, precision))

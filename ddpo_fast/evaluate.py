@@ -81,16 +81,18 @@ def comparison_grid(path: Path, base: torch.Tensor, tuned: torch.Tensor, labels:
     from PIL import Image, ImageDraw
 
     h, w = base.shape[2] * scale, base.shape[3] * scale
-    label_w, head = 140, 16
-    grid = Image.new("RGB", (label_w + 2 * w, head + len(labels) * h), "white")
+    lines = [(label, f"base {b:.3f}", f"tuned {t:.3f}") for label, b, t in zip(labels, base_rewards, tuned_rewards)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 8 + int(max(measure.textlength(text) for row in lines for text in row))  # no label is cut
+    head = 16
+    grid = Image.new("RGB", (label_w + 2 * w, head + len(labels) * max(h, 40)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((label_w + 2, 2), "base", fill="black")
     draw.text((label_w + w + 2, 2), "finetuned", fill="black")
-    for i, label in enumerate(labels):
-        y = head + i * h
-        draw.text((2, y + 2), label[:22], fill="black")
-        draw.text((2, y + 14), f"base {base_rewards[i]:.3f}", fill="black")
-        draw.text((2, y + 26), f"tuned {tuned_rewards[i]:.3f}", fill="black")
+    for i, row in enumerate(lines):
+        y = head + i * max(h, 40)
+        for k, text in enumerate(row):
+            draw.text((2, y + 2 + 12 * k), text, fill="black")
         for j, img in enumerate((base[i], tuned[i])):
             tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w, h), Image.NEAREST)
             grid.paste(tile, (label_w + j * w, y))
@@ -151,6 +153,13 @@ def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | 
     return result
 
 
+def default_out(finetuned: Path) -> Path:
+    """RUN_DIR/eval for a run; beside a model folder (never inside it: it is someone's model)."""
+    if (finetuned / "config.json").is_file() and (finetuned / "metrics.jsonl").exists():
+        return finetuned / "eval"
+    return finetuned.resolve().parent / f"eval-{finetuned.resolve().name}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddpo_fast.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--finetuned", required=True, help="a run directory, or a diffusers UNet directory")
@@ -159,7 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reward-options", default="", help="options of --reward, key=value,key=value")
     parser.add_argument("--prompts", default=None, help="comma-separated prompts")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
-    parser.add_argument("--out", default=None, help="output directory (default: FINETUNED/eval)")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval for a run, "
+                                                         "eval-NAME beside a model folder NAME)")
     parser.add_argument("--device", default=None, help="sampling device (default: cuda if there is a GPU, else cpu)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts sampled at once (default 16)")
     args = parser.parse_args(argv)
@@ -174,7 +184,7 @@ def main(argv=None) -> int:
         torch.device(args.device) if args.device else None
     except RuntimeError:
         parser.error(f"--device must be a torch device (cpu, cuda, cuda:1), got {args.device!r}")
-    out = Path(args.out or Path(args.finetuned) / "eval")
+    out = Path(args.out) if args.out else default_out(Path(args.finetuned))
     try:
         result = evaluate(Path(args.finetuned), out, args.base, args.reward, prompts, seeds, args.reward_options,
                           args.device, args.batch_size)

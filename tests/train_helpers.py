@@ -87,6 +87,20 @@ def nan_first_reward(images: torch.Tensor, prompts, metadata):
     return rewards, info
 
 
+def nan_reward(images: torch.Tensor, prompts, metadata):
+    """NaN for every image."""
+    return torch.full((len(images),), float("nan")), {}
+
+
+def raising_reward(images: torch.Tensor, prompts, metadata):
+    raise ValueError("bad pixels")
+
+
+def string_prompt(rng):
+    """A wrong prompt function: returns a string, not (prompt, metadata)."""
+    return "a cat"
+
+
 _calls = 0
 
 

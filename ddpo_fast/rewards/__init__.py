@@ -194,9 +194,10 @@ class RewardError(RuntimeError):
     """A reward function raised or returned something other than (rewards (N,), info dict)."""
 
 
-def _checked_call(fn: RewardFn, images: torch.Tensor, prompts: list, metadata: list) -> tuple[torch.Tensor, dict]:
+def _checked_call(fn: RewardFn, images: torch.Tensor, prompts: list, metadata: list,
+                  name: str | None = None) -> tuple[torch.Tensor, dict]:
     """Calls a reward function and checks its answer: (float32 CPU tensor (N,), dict)."""
-    name = getattr(fn, "__name__", type(fn).__name__)
+    name = name or getattr(fn, "__name__", type(fn).__name__)
     n = images.shape[0]
     try:
         result = fn(images, prompts, metadata)
@@ -231,7 +232,7 @@ class _UserReward:
         self.thread_safe = getattr(fn, "thread_safe", False)
 
     def __call__(self, images: torch.Tensor, prompts: list, metadata: list) -> tuple[torch.Tensor, dict]:
-        return _checked_call(self.fn, images, prompts, metadata)
+        return _checked_call(self.fn, images, prompts, metadata, self.__name__)
 
 
 class WeightedSum:
