@@ -114,8 +114,8 @@ class StopRequests:
 class Stopped(Exception):
     """The run stopped on a signal after saving the checkpoint of its last finished epoch."""
 
-    def __init__(self, signum: int | None, checkpoint: Path | None):
+    def __init__(self, signum: int | None, checkpoint: Path | None, resume_command: str):
         name = signal.Signals(signum).name if signum else "a signal on another rank"
         where = f"checkpoint {checkpoint}" if checkpoint else "no finished epoch to save"
-        super().__init__(f"stopped by {name}; {where}; continue with --resume")
+        super().__init__(f"stopped by {name}; {where}; continue with: {resume_command}")
         self.exit_code = 128 + (signum or signal.SIGTERM)

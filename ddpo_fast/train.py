@@ -48,7 +48,8 @@ from ddpo_fast.rewards import RewardError, RewardPool
 from ddpo_fast.rewards import check as check_reward
 from ddpo_fast.rewards.client import RewardServerError
 from ddpo_fast.rewards.run import make_reward, reward_options
-from ddpo_fast.run_dir import Resume, RunFinished, check_new_run, plan_resume, start_new_run, write_config
+from ddpo_fast.run_dir import (Resume, RunFinished, check_new_run, how_to_launch, plan_resume, start_new_run,
+                               write_config)
 from ddpo_fast.run_logging import Logger, save_grid, save_samples
 from ddpo_fast.sampling import DTYPES, Trajectories, decode_images, derive_seed, sample_batch
 
@@ -425,7 +426,7 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
                         saved = checkpoint_of(finished)
                     else:  # no epoch finished: nothing to keep
                         saved = None
-                    raise Stopped(stop.received, saved) from None
+                    raise Stopped(stop.received, saved, how_to_launch(engine_name, world_size, run_dir)) from None
                 images, grid_prompts, grid_rewards = record.pop("_grid")
                 samples = record.pop("_samples")
                 last = epoch == config.num_epochs - 1
@@ -444,7 +445,7 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
                     saved = checkpoint_of(epoch)
                     last_saved = epoch
                     if stopping and not last:
-                        raise Stopped(stop.received, saved)
+                        raise Stopped(stop.received, saved, how_to_launch(engine_name, world_size, run_dir))
     finally:
         pool.close()
         if logger is not None:
@@ -490,8 +491,8 @@ def cli(argv=None) -> int:
         log(f"ddpo_fast.train: {e}")
         return 0
     except (RewardServerError, RewardError) as e:  # the checkpoints written so far stay; --resume continues the run
-        print(f"ddpo_fast.train: error: {e}\nThe checkpoints written so far are kept; continue with --resume.",
-              file=sys.stderr)
+        print(f"ddpo_fast.train: error: {e}\nThe checkpoints written so far are kept; continue with --resume "
+              "RUN_DIR once the reward is fixed.", file=sys.stderr)
         return 1
     except Stopped as e:
         log(f"ddpo_fast.train: {e}")

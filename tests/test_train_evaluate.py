@@ -1,6 +1,9 @@
 """python -m ddpo_fast.evaluate: base vs finetuned on fixed prompts and seeds."""
 import json
 
+import numpy as np
+import torch
+
 import pytest
 
 pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
@@ -79,3 +82,36 @@ def test_evaluate_uses_the_runs_reward_device(tmp_path):
     (run / "metrics.jsonl").write_text("")  # a run directory
     evaluate.evaluate(run, tmp_path / "out", base="tiny", prompts=["dog"], seeds=[3])
     assert devices == ["cpu"]
+
+
+def test_default_output_is_never_inside_a_model_folder(tmp_path):
+    model = tmp_path / "my_unet"
+    model.mkdir()
+    assert evaluate.default_out(model) == tmp_path / "eval-my_unet"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    assert evaluate.default_out(run) == run / "eval"
+
+
+def test_comparison_grid_fits_long_labels(tmp_path):
+    from PIL import Image, ImageDraw
+
+    label = "a house on a hill at sunset / seed 12"  # cut at 22 characters before
+    images = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    evaluate.comparison_grid(tmp_path / "c.png", images, images, [label], np.array([-1.5]), np.array([2.25]))
+    width = Image.open(tmp_path / "c.png").width
+    assert width - 2 * 16 >= ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label)
+
+
+def test_reward_curve_ticks_are_whole_epochs(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from ddpo_fast.run_logging import plot_rewards
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_rewards(tmp_path / "curve.png", [{"epoch": e, "reward_mean": float(e), "reward_std": None} for e in (0, 1)])
+    ticks = figures[0].axes[0].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks

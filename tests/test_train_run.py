@@ -1,5 +1,6 @@
 """End-to-end one-process runs of the trainer on the tiny model."""
 import json
+import os
 
 import pytest
 import torch
@@ -51,7 +52,18 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
         samples = [json.loads(line) for line in (run / "samples" / f"epoch_{epoch:04d}.jsonl").read_text().splitlines()]
         assert len(samples) == 8 and all(set(s) == {"prompt", "reward"} and s["prompt"] for s in samples)
         assert sum(s["reward"] for s in samples) / 8 == pytest.approx(record["reward_mean"], abs=1e-6)
-    assert list((run / "tensorboard").iterdir())
+    for r in records:  # per-prompt statistics over all samples, the optimizer's learning rate
+        assert sum(p["count"] for p in r["per_prompt"].values()) == 8 and r["learning_rate"] == 1e-3
+        assert all(p["mean"] is not None for p in r["per_prompt"].values())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("samples")] == [0, 1]  # the sample grids
+    assert "reward_mean" in events.Tags()["scalars"]
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (run / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask, f"the saved model has mode {oct(mode)}, not the umask's (the saver's 0600)"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch-1"]  # rotation kept 1
     # The final UNet loads with diffusers, equals the last checkpoint, and differs from the start.
     unet = UNet2DConditionModel.from_pretrained(run / "unet")

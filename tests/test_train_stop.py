@@ -31,7 +31,8 @@ def test_sigterm_while_sampling_saves_the_last_finished_epoch_and_resume_is_exac
     # Reward call 3 is the first batch of epoch 1: the stop comes while epoch 1 samples.
     proc = run_train(["--run-dir", str(stopped), *ARGS], check=False, extra_env={"DDPO_TEST_TERM_AT": "3"})
     assert proc.returncode == 128 + 15, proc.stderr[-3000:]
-    assert "stopped by SIGTERM" in proc.stdout and "--resume" in proc.stdout
+    assert "stopped by SIGTERM" in proc.stdout
+    assert f"continue with: python -m ddpo_fast.train --resume {stopped} (one process)" in proc.stdout
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["epoch-0"]
     assert [r["epoch"] for r in metrics(stopped)] == [0]
     run_train(["--resume", str(stopped)])
