@@ -34,7 +34,8 @@ BLIP_SIZE = random_models.SHAPES["tiny"]["blip_vision"]["image_size"]  # 32
 def models(tmp_path_factory):
     """reward -> its options (paths) for the tiny random models."""
     root = tmp_path_factory.mktemp("preference")
-    saved = random_models.save_reward_models(root, rewards=("aesthetic", "pickscore", "clipscore", "hpsv2", "imagereward"))
+    saved = random_models.save_reward_models(root, rewards=("aesthetic", "pickscore", "clipscore", "hpsv2",
+                                                            "imagereward"))
     return {name: rewards.parse_options(text) for name, text in saved.items()}
 
 

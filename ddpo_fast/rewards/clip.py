@@ -120,7 +120,8 @@ def clip_options(reward: str, model, processor, device, dtype, batch_size, model
     processor = model if processor is None or not str(processor).strip() else opt.model_path(
         reward, "processor", processor, processor_example)
     return {"model": model, "processor": processor, "device": opt.device(reward, device),
-            "dtype": opt.dtype(reward, dtype, ("fp32", "bf16")), "batch_size": opt.integer(reward, "batch_size", batch_size)}
+            "dtype": opt.dtype(reward, dtype, ("fp32", "bf16")),
+            "batch_size": opt.integer(reward, "batch_size", batch_size)}
 
 
 def load_clip_similarity(reward: str, model: str, processor: str, device: torch.device, dtype: torch.dtype,

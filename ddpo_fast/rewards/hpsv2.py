@@ -22,7 +22,6 @@ batch_size (default 32).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
@@ -36,7 +35,8 @@ _BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_a
 _TOP = {"visual.class_embedding": "vision_model.embeddings.class_embedding",
         "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
         "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-        "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+        "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+        "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
         "visual.ln_post.weight": "vision_model.post_layernorm.weight",
         "visual.ln_post.bias": "vision_model.post_layernorm.bias",
         "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
@@ -86,14 +86,8 @@ def load_checkpoint(path: str) -> dict:
 
 
 def hpsv2_options(checkpoint=None, clip_model=None, device=None, dtype="fp32", batch_size=32) -> dict:
-    if not checkpoint or not str(checkpoint).strip():
-        raise ValueError("hpsv2 reward: option checkpoint is required (HPS_v2.1_compressed.pt from xswu/HPSv2)")
-    path = Path(str(checkpoint).strip()).expanduser()
-    if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"hpsv2 reward: checkpoint={str(checkpoint)!r} must end in {', '.join(CHECKPOINT_SUFFIXES)}")
-    if not path.is_file():
-        raise ValueError(f"hpsv2 reward: checkpoint={str(checkpoint)!r}: no such file")
-    return {"checkpoint": str(path),
+    return {"checkpoint": opt.file("hpsv2", "checkpoint", checkpoint, CHECKPOINT_SUFFIXES,
+                                   "HPS_v2.1_compressed.pt from xswu/HPSv2"),
             "clip_model": opt.model_path("hpsv2", "clip_model", clip_model, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
             "device": opt.device("hpsv2", device), "dtype": opt.dtype("hpsv2", dtype, ("fp32", "bf16")),
             "batch_size": opt.integer("hpsv2", "batch_size", batch_size)}

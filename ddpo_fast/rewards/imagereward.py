@@ -61,21 +61,12 @@ def _part(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _file(option: str, value, suffixes: tuple[str, ...], what: str) -> str:
-    if not value or not str(value).strip():
-        raise ValueError(f"imagereward reward: option {option} is required ({what})")
-    path = Path(str(value).strip()).expanduser()
-    if path.suffix not in suffixes:
-        raise ValueError(f"imagereward reward: {option}={str(value)!r} must end in {', '.join(suffixes)}")
-    if not path.is_file():
-        raise ValueError(f"imagereward reward: {option}={str(value)!r}: no such file")
-    return str(path)
-
-
 def imagereward_options(checkpoint=None, med_config=None, tokenizer="bert-base-uncased", device=None, dtype="fp32",
                         batch_size=32) -> dict:
-    return {"checkpoint": _file("checkpoint", checkpoint, CHECKPOINT_SUFFIXES, "ImageReward.pt from THUDM/ImageReward"),
-            "med_config": _file("med_config", med_config, (".json",), "med_config.json from THUDM/ImageReward"),
+    return {"checkpoint": opt.file("imagereward", "checkpoint", checkpoint, CHECKPOINT_SUFFIXES,
+                                   "ImageReward.pt from THUDM/ImageReward"),
+            "med_config": opt.file("imagereward", "med_config", med_config, (".json",),
+                                   "med_config.json from THUDM/ImageReward"),
             "tokenizer": opt.model_path("imagereward", "tokenizer", tokenizer, "bert-base-uncased"),
             "device": opt.device("imagereward", device), "dtype": opt.dtype("imagereward", dtype, ("fp32", "bf16")),
             "batch_size": opt.integer("imagereward", "batch_size", batch_size)}
@@ -88,11 +79,13 @@ def vit_config(vision_state: dict):
 
     patch = vision_state["embeddings.patch_embedding.weight"]
     width, positions = patch.shape[0], vision_state["embeddings.position_embedding"].shape[1]
+    if width % 64:
+        raise ValueError(f"the ViT's width {width} is not a multiple of 64 (BLIP's ViTs have 64-wide heads)")
     grid = round((positions - 1) ** 0.5)
     depth = 1 + max(int(k.split(".")[2]) for k in vision_state if k.startswith("encoder.layers."))
     return BlipVisionConfig(
         hidden_size=width, intermediate_size=vision_state["encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=depth, num_attention_heads=max(1, width // 64), image_size=grid * patch.shape[-1],
+        num_hidden_layers=depth, num_attention_heads=width // 64, image_size=grid * patch.shape[-1],
         patch_size=patch.shape[-1], layer_norm_eps=1e-6, hidden_act="gelu")
 
 
@@ -116,7 +109,10 @@ def load_models(checkpoint: str, med_config: str, device: torch.device = torch.d
     except KeyError as e:
         raise fail(f"unknown ViT key blip.visual_encoder.{e.args[0]}") from None
 
-    vision_config = vit_config(vision_state)
+    try:
+        vision_config = vit_config(vision_state)
+    except ValueError as e:
+        raise fail(str(e)) from None
     med = json.loads(Path(med_config).read_text())
     try:
         text_config = BlipTextConfig(

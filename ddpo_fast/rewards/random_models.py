@@ -130,8 +130,9 @@ def clip_config(size: str = "tiny", arch: str = "vit_l"):
     act = {"hidden_act": "quick_gelu" if arch == "vit_l" else "gelu"}
     tokenizer = clip_tokenizer(shapes["clip_vocab"])
     tokenizer.model_max_length = text["max_position_embeddings"]
-    config = CLIPConfig(text_config={**text, **act, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    config = CLIPConfig(text_config={**text, **act, "vocab_size": len(tokenizer), **ids},
                         vision_config={**vision, **act}, projection_dim=vision["projection_dim"])
     return config, tokenizer
 
@@ -175,7 +176,8 @@ def open_clip_shapes(size: str = "tiny") -> dict[str, tuple]:
                           f"{block}ln_2.bias": (w,), f"{block}attn.in_proj_weight": (3 * w, w),
                           f"{block}attn.in_proj_bias": (3 * w,), f"{block}attn.out_proj.weight": (w, w),
                           f"{block}attn.out_proj.bias": (w,), f"{block}mlp.c_fc.weight": (m, w),
-                          f"{block}mlp.c_fc.bias": (m,), f"{block}mlp.c_proj.weight": (w, m), f"{block}mlp.c_proj.bias": (w,)})
+                          f"{block}mlp.c_fc.bias": (m,), f"{block}mlp.c_proj.weight": (w, m),
+                          f"{block}mlp.c_proj.bias": (w,)})
     return names
 
 
