@@ -130,11 +130,13 @@ def test_clipscore_cosine_and_w_scaling(models):
     assert (plain > 0).all() and torch.equal(neg, torch.zeros(5))
 
 
-def test_pickscore_bf16_is_close_to_fp32(models):
+@pytest.mark.parametrize("reward", ["pickscore", "clipscore", "hpsv2", "imagereward"])
+def test_bf16_is_close_to_fp32(models, reward):
     images = _images(3, 64, 64)
-    fp32 = rewards.build("pickscore", **models["pickscore"])(images, PROMPTS[:3], [])[0]
-    bf16_fn = rewards.build("pickscore", **models["pickscore"], dtype="bf16")
-    assert next(bf16_fn.similarity.clip.parameters()).dtype == torch.bfloat16
+    fp32 = rewards.build(reward, **models[reward])(images, PROMPTS[:3], [])[0]
+    bf16_fn = rewards.build(reward, **models[reward], dtype="bf16")
+    model = bf16_fn.vision if reward == "imagereward" else bf16_fn.similarity.clip
+    assert next(model.parameters()).dtype == torch.bfloat16
     bf16 = bf16_fn(images, PROMPTS[:3], [])[0]
     assert bf16.dtype == torch.float32 and torch.allclose(bf16, fp32, atol=0.05 * float(fp32.abs().max()))
 
