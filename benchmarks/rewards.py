@@ -28,7 +28,7 @@ import torch
 
 from ddpo_fast import rewards
 from ddpo_fast.rewards.client import RemoteReward, start_server
-from ddpo_fast.rewards.random_models import save_reward_models
+from ddpo_fast.rewards.random_models import REWARDS as LEARNED, save_reward_models
 from results_csv import write_rows  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def main() -> int:
     names = args.rewards.split(",")
     options = {name: rewards.parse_options(text) for name, text in save_reward_models(
         models, size, device=args.device if on_gpu else "cpu", dtype=torch.bfloat16 if args.full_size else torch.float32,
-        rewards=tuple(names)).items()}
+        rewards=tuple(n for n in names if n in LEARNED)).items()}
     if "llava_bertscore" in options:
         options["llava_bertscore"]["max_new_tokens"] = str(args.max_new_tokens)
     generator = torch.Generator().manual_seed(0)

@@ -384,6 +384,11 @@ def test_bad_options_are_named(models, reward, options, words):
         assert word in str(info.value)
 
 
+def test_random_models_refuse_an_unknown_reward(tmp_path):
+    with pytest.raises(ValueError, match="rewards: no random models for pickscor; known: .*pickscore"):
+        random_models.save_reward_models(tmp_path, rewards=("pickscor",))
+
+
 def test_bad_images_and_prompt_counts_are_refused(models):
     fn = rewards.build("pickscore", **models["pickscore"])
     with pytest.raises(ValueError, match="uint8"):

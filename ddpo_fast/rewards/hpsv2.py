@@ -5,7 +5,8 @@ score = cos(image embedding, prompt embedding), both L2-normalised, with no logi
 score (`image_features @ text_features.T`, its diagonal); ~0.25-0.35 for the published model.
 Images are preprocessed as open_clip's validation transform with `resize_longest_max` (HPS v2's
 `preprocess_val`): the longest side resized to 224, the short side padded with black to a centred
-square, OpenAI's mean and std.
+square, OpenAI's mean and std. Prompts go through transformers' CLIP tokenizer, which has open_clip's
+BPE vocabulary (open_clip also runs ftfy and unescapes HTML entities first).
 
 The checkpoint (HPS_v2.1_compressed.pt: {"state_dict": ...} with open_clip's key names) is loaded with
 torch.load(weights_only=True) and its weights are renamed into transformers' CLIPModel, which computes

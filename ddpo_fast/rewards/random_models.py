@@ -342,6 +342,9 @@ REWARDS = ("aesthetic", "llava_bertscore", "pickscore", "clipscore", "hpsv2", "i
 def save_reward_models(root: str | Path, size: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
                        rewards: tuple[str, ...] = REWARDS) -> dict[str, str]:
     """Saves the random models of `rewards` under root; returns the reward_options of each."""
+    unknown = sorted(set(rewards) - set(REWARDS))
+    if unknown:
+        raise ValueError(f"rewards: no random models for {', '.join(unknown)}; known: {', '.join(REWARDS)}")
     root, options = Path(root), {}
     if "aesthetic" in rewards or "clipscore" in rewards:
         clip = save_clip(root / "clip", size, device=device, dtype=dtype)
@@ -375,6 +378,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rewards", default=",".join(REWARDS), help="comma-separated rewards whose models to save")
     args = parser.parse_args(argv)
     size = "full" if args.full_size else "tiny"
+    unknown = sorted(set(args.rewards.split(",")) - set(REWARDS))
+    if unknown:
+        parser.error(f"--rewards: no random models for {', '.join(unknown)}; known: {', '.join(REWARDS)}")
     full_on_gpu = args.full_size and torch.cuda.is_available()
     options = save_reward_models(args.out, size, device="cuda" if full_on_gpu else "cpu",
                                  dtype=torch.bfloat16 if args.full_size else torch.float32,
