@@ -133,8 +133,11 @@ def test_clipscore_cosine_and_w_scaling(models):
 @pytest.mark.parametrize("reward", ["pickscore", "clipscore", "hpsv2", "imagereward"])
 def test_bf16_is_close_to_fp32(models, reward):
     images = _images(3, 64, 64)
-    fp32 = rewards.build(reward, **models[reward])(images, PROMPTS[:3], [])[0]
+    fp32_fn = rewards.build(reward, **models[reward])
+    fp32 = fp32_fn(images, PROMPTS[:3], [])[0]
     bf16_fn = rewards.build(reward, **models[reward], dtype="bf16")
+    if reward == "pickscore":  # exp(logit_scale) from the fp32 weights: bf16 would move it by ~1%
+        assert bf16_fn.similarity.logit_scale == pytest.approx(fp32_fn.similarity.logit_scale, rel=1e-6)
     model = bf16_fn.vision if reward == "imagereward" else bf16_fn.similarity.clip
     assert next(model.parameters()).dtype == torch.bfloat16
     bf16 = bf16_fn(images, PROMPTS[:3], [])[0]

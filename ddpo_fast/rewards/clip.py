@@ -77,6 +77,8 @@ class ClipSimilarity:
 
     def __init__(self, clip, tokenizer, device: torch.device, dtype: torch.dtype, batch_size: int,
                  size: int, mean: tuple, std: tuple, mode: str = "crop"):
+        # read before a bf16 cast, which would round PickScore's exp(logit_scale) = 100 to ~98.9
+        self.logit_scale = float(clip.logit_scale.detach().float().exp())
         self.clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.tokenizer, self.device, self.dtype, self.batch_size = tokenizer, device, dtype, batch_size
         self.size, self.mean, self.std, self.mode = size, mean, std, mode
@@ -86,7 +88,7 @@ class ClipSimilarity:
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         pixels = preprocess(images.to(self.device), self.size, self.mean, self.std, self.mode)
         e = self.clip.get_image_features(pixel_values=pixels.to(self.dtype))
-        e = getattr(e, "pooler_output", e).float()  # transformers 5 returns an output object
+        e = e.pooler_output.float()  # the projected embedding (transformers 5 returns an output object)
         return e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)
 
     @torch.inference_mode()
@@ -94,7 +96,7 @@ class ClipSimilarity:
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.context_length,
                                 return_tensors="pt").to(self.device)
         e = self.clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        e = getattr(e, "pooler_output", e).float()
+        e = e.pooler_output.float()
         return e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -107,10 +109,6 @@ class ClipSimilarity:
             chunk = slice(start, start + self.batch_size)
             cos.append((self.image_embeddings(images[chunk]) * self.text_embeddings(prompts[chunk])).sum(-1))
         return torch.cat(cos).cpu()
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.clip.logit_scale.float().exp())
 
 
 def clip_options(reward: str, model, processor, device, dtype, batch_size, model_example: str,
