@@ -31,7 +31,8 @@
 #   Total: ~5.5-7.5 minutes; SUITE_BUDGET_S (460 s, plus <= 10 s to stop a step and print) bounds it.
 #
 # Optional steps (not run by default; each wants most of a call): bench (benchmarks/ops.py --device
-# cuda), rewards (the paper-size rewards).
+# cuda), rewards (the paper-size rewards), preference (pickscore, clipscore, hpsv2 and imagereward at
+# their published sizes: CLIP ViT-H/14, ViT-L/14, BLIP ViT-L/16 + BERT-base; not yet run on a GPU).
 #
 # How to run it with the device tool (one call):
 #   1. Here, once, from the project root: `../shared/device/prepare-wheels.sh` puts the wheels the GPU
@@ -52,8 +53,8 @@
 # under 8 minutes with the summary), TEST_PROCESSES (default min(12, cores - 4)),
 # DDPO_FAST_CUDA_ARCHS (default 90).
 # Files under $OUT (8, the most the device tool brings back): build.log (env + build), test.log,
-# sanitize.log, graph.log, kernelbw.log, kernelbw.csv, e2e.log, summary.txt (bench.log / rewards.log
-# with those steps).
+# sanitize.log, graph.log, kernelbw.log, kernelbw.csv, e2e.log, summary.txt (bench.log / rewards.log /
+# preference.log with those steps).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
@@ -64,7 +65,7 @@ for arg in "$@"; do
 done
 if [ "$DRY_RUN" = 1 ]; then OUT="${OUT:-/tmp/ddpo_gpu_suite_dry}"; else OUT="${OUT:-/tmp/ddpo_gpu_suite}"; fi
 mkdir -p "$OUT"
-rm -f "$OUT"/{build,test,sanitize,graph,kernelbw,e2e,bench,rewards}.log "$OUT"/kernelbw.csv "$OUT"/summary.txt
+rm -f "$OUT"/{build,test,sanitize,graph,kernelbw,e2e,bench,rewards,preference}.log "$OUT"/kernelbw.csv "$OUT"/summary.txt
 PY="${PYTHON:-python3}"
 if [ -z "${PYTHON:-}" ] && [ "$DRY_RUN" = 1 ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 export PYTHONUNBUFFERED=1 DDPO_FAST_NO_PROGRESS=1
@@ -84,11 +85,12 @@ if [ ${#ARGS[@]} -gt 0 ]; then STEPS=("${ARGS[@]}"); else STEPS=("${ALL_STEPS[@]
 # Per step: the most it may take (cap, s), and what it keeps for itself against earlier steps running
 # long (reserve, s): a step gets min(cap, time left - the reserves of the steps still to come).
 declare -A CAP=([env]=60 [build]=180 [test]=240 [sanitize]=150 [graph]=90 [kernelbw]=120 [e2e]=330
-                [bench]=300 [rewards]=560)
+                [bench]=300 [rewards]=560 [preference]=560)
 declare -A RESERVE=([env]=10 [build]=40 [test]=60 [sanitize]=30 [graph]=15 [kernelbw]=30 [e2e]=150
-                    [bench]=60 [rewards]=60)
+                    [bench]=60 [rewards]=60 [preference]=60)
 declare -A LOG=([env]=build.log [build]=build.log [test]=test.log [sanitize]=sanitize.log [graph]=graph.log
-                [kernelbw]=kernelbw.log [e2e]=e2e.log [bench]=bench.log [rewards]=rewards.log)
+                [kernelbw]=kernelbw.log [e2e]=e2e.log [bench]=bench.log [rewards]=rewards.log
+                [preference]=preference.log)
 
 declare -a R_NAME=() R_STATUS=() R_SECS=() R_NOTE=() NO_TIME=()
 STEP_START=0 STEP_LEFT=0
@@ -338,9 +340,21 @@ step_bench() {
 # The rewards at the paper's sizes (CLIP ViT-L/14 + LAION MLP, LLaVA-1.5-7B + RoBERTa-large, random
 # weights built on the GPU, bf16): needs most of a 10-minute call alone.
 step_rewards() {
-  t 600 "$PY" benchmarks/rewards.py --full-size --device cuda:0 --size 512 --batch 8 --csv "$STATE/rewards_gpu.csv"
+  t 600 "$PY" benchmarks/rewards.py --full-size --device cuda:0 --size 512 --batch 8 \
+    --rewards jpeg_compressibility,aesthetic,llava_bertscore --csv "$STATE/rewards_gpu.csv"
   local rc=$?
   note "benchmarks/rewards.py --full-size (rc=$rc): table in rewards.log"
+  return $rc
+}
+
+# The human-preference rewards at their published sizes (PickScore and HPS v2: CLIP ViT-H/14 + the
+# LAION tokenizer's vocabulary; clipscore: CLIP ViT-L/14; ImageReward: BLIP ViT-L/16 + BERT-base with
+# cross-attention), random weights built on the GPU, bf16: a call of their own.
+step_preference() {
+  t 600 "$PY" benchmarks/rewards.py --full-size --device cuda:0 --size 512 --batch 8 \
+    --rewards pickscore,clipscore,hpsv2,imagereward --csv "$STATE/rewards_preference_gpu.csv"
+  local rc=$?
+  note "benchmarks/rewards.py --full-size --rewards pickscore,clipscore,hpsv2,imagereward (rc=$rc): table in preference.log"
   return $rc
 }
 
@@ -486,6 +500,11 @@ dry_rewards() {
   dry_end
 }
 
+dry_preference() {
+  check "benchmarks/rewards.py --help" has_help "--full-size --rewards" "$PY" benchmarks/rewards.py
+  dry_end
+}
+
 # ---- Run -------------------------------------------------------------------------------------------
 
 [ "$DRY_RUN" = 1 ] && echo "=== dry run (no GPU needed): checks what each step needs; logs in $OUT"
@@ -493,7 +512,7 @@ for step in "${STEPS[@]}"; do
   if [ -n "${CAP[$step]:-}" ]; then
     run_step "$step"
   else
-    echo "unknown step '$step' (steps: ${ALL_STEPS[*]} bench rewards)"
+    echo "unknown step '$step' (steps: ${ALL_STEPS[*]} bench rewards preference)"
     R_NAME+=("$step"); R_STATUS+=("FAIL"); R_SECS+=(0); R_NOTE+=("unknown step")
   fi
 done

@@ -1,7 +1,9 @@
 """Throughput of each reward, in the trainer's process and through the reward server.
 
-For jpeg_compressibility, aesthetic and llava_bertscore on random-weight models (tiny by default; the
-paper's architectures with --full-size), it prints images/s of
+For jpeg_compressibility, aesthetic, llava_bertscore and the human-preference rewards (pickscore,
+clipscore, hpsv2, imagereward) on random-weight models (tiny by default; the published architectures
+with --full-size: CLIP ViT-L/14, LLaVA-1.5-7B + RoBERTa-large, CLIP ViT-H/14 for pickscore and hpsv2,
+BLIP ViT-L/16 + BERT-base for imagereward), it prints images/s of
   - in-process: the reward function called on batches of --batch images;
   - served, 1 client: the same batches sent one after another to `python -m ddpo_fast.rewards.serve`
     over loopback (the cost of the transport: encoding, copies, HTTP);
@@ -26,11 +28,11 @@ import torch
 
 from ddpo_fast import rewards
 from ddpo_fast.rewards.client import RemoteReward, start_server
-from ddpo_fast.rewards.random_models import save_reward_models
+from ddpo_fast.rewards.random_models import REWARDS as LEARNED, save_reward_models
 from results_csv import write_rows  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parent.parent
-REWARDS = ["jpeg_compressibility", "aesthetic", "llava_bertscore"]
+REWARDS = ["jpeg_compressibility", "aesthetic", "llava_bertscore", "pickscore", "clipscore", "hpsv2", "imagereward"]
 
 
 def timed_calls(fn, images: torch.Tensor, prompts: list[str], calls: int) -> float:
@@ -76,7 +78,7 @@ def concurrent_throughput(url: str, reward: str, images, prompts, clients: int, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rewards", default=",".join(REWARDS), help="comma-separated rewards to measure")
-    parser.add_argument("--full-size", action="store_true", help="CLIP ViT-L/14, LLaVA-1.5-7B, RoBERTa-large shapes")
+    parser.add_argument("--full-size", action="store_true", help="the published architectures' shapes")
     parser.add_argument("--device", default="cpu", help="reward device (cpu, cuda:0, ...)")
     parser.add_argument("--batch", type=int, default=16, help="images per call")
     parser.add_argument("--size", type=int, default=64, help="image height and width (the tiny model makes 64)")
@@ -93,7 +95,7 @@ def main() -> int:
     names = args.rewards.split(",")
     options = {name: rewards.parse_options(text) for name, text in save_reward_models(
         models, size, device=args.device if on_gpu else "cpu", dtype=torch.bfloat16 if args.full_size else torch.float32,
-        rewards=tuple(names)).items()}
+        rewards=tuple(n for n in names if n in LEARNED)).items()}
     if "llava_bertscore" in options:
         options["llava_bertscore"]["max_new_tokens"] = str(args.max_new_tokens)
     generator = torch.Generator().manual_seed(0)

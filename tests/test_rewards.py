@@ -10,7 +10,8 @@ import ddpo_fast.train as train
 from ddpo_fast import config as cfg
 from ddpo_fast import rewards
 from ddpo_fast.rewards import random_models
-from ddpo_fast.rewards.aesthetic import CLIP_MEAN, CLIP_STD, AestheticMLP, load_mlp, preprocess
+from ddpo_fast.rewards.aesthetic import AestheticMLP, load_mlp
+from ddpo_fast.rewards.clip import CLIP_MEAN, CLIP_STD, preprocess
 from train_helpers import TINY, metrics
 
 PROJECTION = 12  # the tiny CLIP's embedding width

@@ -12,7 +12,8 @@ per image (e.g. the VLM's answers: saved beside the sample grids, split per requ
 server); any other value is about the batch, and is logged when it is a number.
 
 The reward spec given to `build` (the trainer's `reward=`) is one of:
-  - a registered name: jpeg_compressibility, jpeg_incompressibility, aesthetic, llava_bertscore;
+  - a registered name: jpeg_compressibility, jpeg_incompressibility, aesthetic, llava_bertscore, and the
+    human-preference scores pickscore, clipscore, hpsv2, imagereward;
   - module:function, a user reward function (it takes no options);
   - a weighted sum `NAME:WEIGHT,NAME:WEIGHT,...` (a missing weight is 1), e.g.
     `aesthetic:1.0,jpeg_compressibility:0.1`; each component's mean reward is logged in info under
@@ -37,6 +38,10 @@ import torch
 from ddpo_fast.prompts import load_function
 from ddpo_fast.rewards import aesthetic as _aesthetic
 from ddpo_fast.rewards import alignment as _alignment
+from ddpo_fast.rewards import clipscore as _clipscore
+from ddpo_fast.rewards import hpsv2 as _hpsv2
+from ddpo_fast.rewards import imagereward as _imagereward
+from ddpo_fast.rewards import pickscore as _pickscore
 from ddpo_fast.rewards.jpeg import JPEG_QUALITY, jpeg_compressibility, jpeg_incompressibility, jpeg_sizes_kb
 
 __all__ = ["JPEG_QUALITY", "REWARDS", "RewardError", "RewardPool", "build", "check", "jpeg_compressibility",
@@ -78,6 +83,10 @@ register_reward("jpeg_compressibility")(jpeg_compressibility)
 register_reward("jpeg_incompressibility")(jpeg_incompressibility)
 register_builder("aesthetic", _aesthetic.aesthetic_options, _aesthetic.AestheticReward)
 register_builder("llava_bertscore", _alignment.llava_bertscore_options, _alignment.LlavaBertScoreReward)
+register_builder("pickscore", _pickscore.pickscore_options, _pickscore.PickScoreReward)
+register_builder("clipscore", _clipscore.clipscore_options, _clipscore.ClipScoreReward)
+register_builder("hpsv2", _hpsv2.hpsv2_options, _hpsv2.HPSv2Reward)
+register_builder("imagereward", _imagereward.imagereward_options, _imagereward.ImageRewardReward)
 
 
 # ---- specs and options -------------------------------------------------------------------------

@@ -11,9 +11,8 @@ so its published state dict (keys `layers.0.weight`, `layers.0.bias`, `layers.2.
 as is, from `.safetensors` or `.pth`/`.pt` (torch.load with weights_only=True). Its input width is
 read from the weights and must equal the CLIP model's projection_dim.
 
-Preprocessing runs on tensors on the reward device, in fp32: resize the shortest side to the crop
-size (bicubic, antialiased), centre crop, scale to [0, 1], mean/std normalisation, with the crop size,
-mean and std of the model's preprocessor_config.json (CLIP's standard values without one); the
+Preprocessing (ddpo_fast.rewards.clip, crop mode) runs on tensors on the reward device, in fp32, with
+the crop size, mean and std of the model's preprocessor_config.json (CLIP's standard values without one); the
 CLIP model then runs in `dtype` (fp32 or bf16) and the MLP in fp32.
 
 Options: clip_model (local directory or hub id, required), mlp_weights (file, required),
@@ -25,14 +24,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddpo_fast.rewards import options as opt
+from ddpo_fast.rewards.clip import check_images, preprocess, preprocessor_config
 
-# CLIP's image normalisation (OpenAI's values), used when the model directory has no preprocessor config.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
@@ -94,35 +90,6 @@ def aesthetic_options(clip_model=None, mlp_weights=None, device=None, dtype="fp3
             "batch_size": opt.integer("aesthetic", "batch_size", batch_size)}
 
 
-def clip_preprocessing(clip_model: str, image_size: int) -> tuple[int, tuple, tuple]:
-    """(crop size, mean, std) from the model's preprocessor_config.json; CLIP's standard values when
-    the directory has none."""
-    from transformers import ImageProcessingMixin
-
-    try:
-        config, _ = ImageProcessingMixin.get_image_processor_dict(clip_model)
-    except OSError:
-        return image_size, CLIP_MEAN, CLIP_STD
-    crop = config.get("crop_size", image_size)
-    size = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
-    return size, tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
-
-
-def preprocess(images: torch.Tensor, size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> CLIP pixel values fp32 (N, 3, size, size), on the images' device."""
-    x = images.float() / 255.0
-    h, w = x.shape[-2:]
-    short = min(h, w)
-    new_h, new_w = (size, int(size * w / h)) if h == short else (int(size * h / w), size)
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[..., top:top + size, left:left + size]
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 class AestheticReward:
     """The aesthetic reward function: (images, prompts, metadata) -> (scores (N,), info)."""
 
@@ -140,7 +107,7 @@ class AestheticReward:
                              "(the LAION predictor needs CLIP ViT-L/14, 768)")
         self.clip = CLIPModel.from_pretrained(clip_model).to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.mlp = mlp.to(device)
-        self.image_size, self.mean, self.std = clip_preprocessing(clip_model, config.vision_config.image_size)
+        self.image_size, self.mean, self.std = preprocessor_config(clip_model, config.vision_config.image_size)
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -151,8 +118,7 @@ class AestheticReward:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts: list, metadata: list) -> tuple[torch.Tensor, dict]:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        check_images(images)
         scores = []
         for chunk in images.split(self.batch_size):
             pixels = preprocess(chunk.to(self.device), self.image_size, self.mean, self.std)

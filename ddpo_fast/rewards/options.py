@@ -20,6 +20,18 @@ def model_path(reward: str, option: str, value, example: str) -> str:
     return str(Path(value).expanduser()) if value.startswith("~") else value
 
 
+def file(reward: str, option: str, value, suffixes: tuple[str, ...], what: str) -> str:
+    """An existing file with one of the suffixes; `what` says what it is when the option is missing."""
+    if value is None or not str(value).strip():
+        raise ValueError(f"{reward} reward: option {option} is required ({what})")
+    path = Path(str(value).strip()).expanduser()
+    if path.suffix not in suffixes:
+        raise ValueError(f"{reward} reward: {option}={str(value)!r} must end in {', '.join(suffixes)}")
+    if not path.is_file():
+        raise ValueError(f"{reward} reward: {option}={str(value)!r}: no such file")
+    return str(path)
+
+
 def device(reward: str, value) -> torch.device:
     """A torch device with an explicit index. None or '' means this thread's current CUDA device when a
     GPU is visible (the trainer makes it cuda:LOCAL_RANK), else cpu; a bare 'cuda' means the current
