@@ -98,8 +98,9 @@ class Config:
                              "random weights: for throughput and memory measurements), a diffusers pipeline "
                              "directory, or a hub id")
     reward: str = opt("jpeg_compressibility", "`jpeg_compressibility`, `jpeg_incompressibility` (JPEG quality 95, "
-                                              "size in kB), `aesthetic`, `llava_bertscore`, `module:function`, or a "
-                                              "weighted sum `aesthetic:1.0,jpeg_compressibility:0.1` (see Rewards)")
+                                              "size in kB), `aesthetic`, `llava_bertscore`, `pickscore`, `clipscore`, "
+                                              "`hpsv2`, `imagereward`, `module:function`, or a weighted sum "
+                                              "`pickscore:1.0,aesthetic:0.5` (see Rewards)")
     reward_options: str = opt("", "options of the reward, `key=value,key=value` (e.g. `clip_model=DIR,mlp_weights=FILE`)")
     reward_device: str = opt("", "device of the reward models (the reward's `device` option), e.g. `cuda:1`; empty: "
                                  "the rank's GPU (`cuda:LOCAL_RANK`) if there is one, else the CPU")
