@@ -46,7 +46,6 @@ from ddpo_fast.models import check_model_source
 from ddpo_fast.prompts import check_prompt_fn, get_prompt_fn
 from ddpo_fast.rewards import RewardError, RewardPool
 from ddpo_fast.rewards import check as check_reward
-from ddpo_fast.rewards.client import RewardServerError
 from ddpo_fast.rewards.run import make_reward, reward_options
 from ddpo_fast.run_dir import (Resume, RunFinished, check_new_run, how_to_launch, plan_resume, start_new_run,
                                write_config)
@@ -490,7 +489,7 @@ def cli(argv=None) -> int:
     except RunFinished as e:
         log(f"ddpo_fast.train: {e}")
         return 0
-    except (RewardServerError, RewardError) as e:  # the checkpoints written so far stay; --resume continues the run
+    except RewardError as e:  # (RewardServerError too) the checkpoints written so far stay; --resume continues
         print(f"ddpo_fast.train: error: {e}\nThe checkpoints written so far are kept; continue with --resume "
               "RUN_DIR once the reward is fixed.", file=sys.stderr)
         return 1

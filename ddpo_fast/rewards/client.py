@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 import ddpo_fast
+from ddpo_fast.rewards import RewardError
 
 HEADER_LENGTH_BYTES = 4  # the body starts with the header length, big-endian
 BACKOFF_S = 0.5  # before the first retry; doubled for each further one
 
 
-class RewardServerError(RuntimeError):
+class RewardServerError(RewardError):
     """The reward server could not be reached or started, did not answer in time, or its reward raised."""
 
 

@@ -237,8 +237,9 @@ class Batcher:
                 return
             traceback.print_exc()
             self.requests += 1
-            what = str(e) if isinstance(e, rewards.RewardError) else f"{type(e).__name__}: {e}"  # says which reward
-            batch[0].future.set_exception(RewardFailed(f"reward {self.spec} failed: {what}"))
+            # A RewardError already names the reward and where it failed.
+            what = str(e) if isinstance(e, rewards.RewardError) else f"reward {self.spec} failed: {type(e).__name__}: {e}"
+            batch[0].future.set_exception(RewardFailed(what))
             return
         self.requests += len(batch)
         for job, answer in zip(batch, answers):
