@@ -200,6 +200,7 @@ def test_a_raising_or_never_finite_reward_ends_the_run_with_a_message_not_a_trac
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "error: reward train_helpers:raising_reward raised ValueError: bad pixels (at " in proc.stderr
     assert "Traceback" not in proc.stderr and "continue with --resume" in proc.stderr
+    assert "requires torchvision" not in proc.stderr  # transformers' PIL-fallback warning, on every run before
 
     run = tmp_path / "nan"
     proc = run_train(["--run-dir", str(run), *TINY, "num_epochs=3", "max_nonfinite_epochs=2",
@@ -268,3 +269,32 @@ def test_final_model_files_get_the_umask_mode(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "weights.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_wandb_gets_project_name_entity_scalars_and_grids(tmp_path, monkeypatch):
+    """A stand-in wandb module (the package is not installed here) records what the logger sends it."""
+    import sys
+    import types
+
+    import numpy as np
+
+    from ddpo_fast.run_logging import Logger, save_grid
+
+    calls = {"log": []}
+    fake = types.ModuleType("wandb")
+    fake.Image = lambda path: ("image", path)
+    fake.init = lambda **kwargs: calls.setdefault("init", kwargs) and types.SimpleNamespace(
+        log=lambda data, step: calls["log"].append((step, data)), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = cfg.from_preset(cfg.DEFAULT_PRESET, ["log_wandb=true", "wandb.project=p", "wandb.entity=team"])
+    run = tmp_path / "my-run"
+    run.mkdir()
+    logger = Logger(run, config, 0)
+    logger.log({"epoch": 0, "reward_mean": float("nan"), "reward_std": 0.0})
+    grid = run / "samples" / "epoch_0000.png"
+    save_grid(grid, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ["a", "b"], np.zeros(2))
+    logger.log_grid(grid, 0)
+    logger.close()
+    assert calls["init"]["project"] == "p" and calls["init"]["entity"] == "team" and calls["init"]["name"] == "my-run"
+    assert calls["log"][0][0] == 0 and calls["log"][1] == (0, {"samples": ("image", str(grid))})
+    assert json.loads((run / "metrics.jsonl").read_text())["reward_mean"] is None

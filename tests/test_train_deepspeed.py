@@ -12,6 +12,8 @@ pytest.importorskip("deepspeed")
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
+from ddpo_fast.config import ConfigError
+from ddpo_fast.run_dir import plan_resume
 from train_helpers import REPO, TINY, env, metrics, one_rank_env, run_deepspeed, run_train
 
 pytest.importorskip("deepspeed")
@@ -46,9 +48,12 @@ def test_two_rank_default_stage_full_then_resume(tmp_path):
         gradient_bytes = 4 * report["trainable_numel"]  # fp32 on the CPU (mixed_precision=auto)
         reduced = report["reduced_bytes_per_step"]
         assert report["optimizer_steps"] == 2 and 0.9 <= reduced / gradient_bytes <= 1.5, reduced / gradient_bytes
+    with pytest.raises(ConfigError, match=r"written by engine=deepspeed with 2 rank\(s\).*deepspeed --num_gpus 2"):
+        plan_resume(run, {"num_epochs": "2"}, 1)  # one process cannot load two ranks' optimizer parts
     proc = run_deepspeed(["--resume", str(run), "num_epochs=2"])
     assert "resumed from" in proc.stdout
     _check_run(run, proc, 1, False, epochs=2)
+    assert "FutureWarning" not in proc.stdout + proc.stderr  # DeepSpeed's, once per rank and epoch before
 
 
 @pytest.mark.parametrize("stage, lora", [(2, False), (2, True), (3, True)])  # ZeRO-3 full: test_train_communication
