@@ -1,4 +1,4 @@
-"""Advantages from rewards: per-prompt stat tracking or global normalisation.
+"""Advantages from rewards: per-prompt stat tracking, global normalisation, or GRPO groups.
 
 Rewards are gathered from all ranks first (in rank order), every rank computes the same advantages
 for the whole gathered batch (so every rank's tracker holds the same state) and keeps its own slice.
@@ -60,6 +60,23 @@ def global_advantages(rewards: np.ndarray) -> np.ndarray:
     return advantages
 
 
+def group_advantages(rewards: np.ndarray, group_size: int, global_std: bool = False) -> np.ndarray:
+    """GRPO: (reward - its group's mean) / the group's std (or, with `global_std`, the std of all
+    rewards), over the finite rewards; groups are consecutive runs of `group_size` samples. A
+    non-finite reward, or a group whose rewards are all equal, gets advantage 0."""
+    rewards = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
+    valid = np.isfinite(rewards)
+    counts = valid.sum(axis=1, keepdims=True)
+    filled = np.where(valid, rewards, 0.0)
+    mean = filled.sum(axis=1, keepdims=True) / np.maximum(counts, 1)
+    if global_std:
+        std = np.full_like(mean, rewards[valid].std() if valid.any() else 0.0)
+    else:
+        std = np.sqrt((np.where(valid, rewards - mean, 0.0) ** 2).sum(axis=1, keepdims=True) / np.maximum(counts, 1))
+    advantages = np.where(valid, (filled - mean) / (std + EPS), 0.0)
+    return advantages.reshape(-1)
+
+
 def gather(rewards: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
     """All ranks' rewards and prompts, concatenated in rank order (identity in one process).
     Every rank holds the same number of samples (the config guarantees it)."""
@@ -68,15 +85,12 @@ def gather(rewards: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, list[
     return all_rewards.double().cpu().numpy(), all_prompts
 
 
-def compute_advantages(rewards: torch.Tensor, prompts: list[str], tracker: PerPromptStatTracker | None,
-                       rank: int = 0, device: torch.device | str = "cpu"
-                       ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
-    """(this rank's advantages (float32, on `device`), the gathered rewards, advantages and prompts)."""
+def compute_advantages(rewards: torch.Tensor, prompts: list[str], normalise, rank: int = 0,
+                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
+    """(this rank's advantages (float32, on `device`), the gathered rewards, advantages and prompts);
+    `normalise(all_prompts, all_rewards)` gives the advantages (a tracker's update, or a group's)."""
     all_rewards, all_prompts = gather(rewards, prompts)
-    if tracker is not None:
-        advantages = tracker.update(all_prompts, all_rewards)
-    else:
-        advantages = global_advantages(all_rewards)
+    advantages = normalise(all_prompts, all_rewards)
     n = len(prompts)
     mine = advantages[rank * n:(rank + 1) * n]
     return torch.from_numpy(mine.astype(np.float32)).to(device), all_rewards, advantages, all_prompts

@@ -13,6 +13,8 @@ import shutil
 import signal
 from pathlib import Path
 
+import torch
+
 from ddpo_fast import config as cfg
 from ddpo_fast import distributed
 
@@ -29,8 +31,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(run_dir: Path, epoch: int, engine, state: dict, limit: int) -> Path:
-    """Writes the checkpoint of `epoch` (every rank saves its part); keeps the newest `limit`."""
+def save_checkpoint(run_dir: Path, epoch: int, engine, state: dict, limit: int, extra: dict | None = None) -> Path:
+    """Writes the checkpoint of `epoch` (every rank saves its part; rank 0 also `extra`, {file name:
+    state dict}, e.g. the EMA); keeps the newest `limit`."""
     ckpt_dir = run_dir / "checkpoints"
     final = ckpt_dir / f"{CHECKPOINT_PREFIX}{epoch}"
     tmp = ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{epoch}"
@@ -42,6 +45,8 @@ def save_checkpoint(run_dir: Path, epoch: int, engine, state: dict, limit: int) 
     engine.save(tmp)
     distributed.barrier()
     if rank == 0:
+        for name, value in (extra or {}).items():
+            torch.save(value, tmp / name)
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -24,6 +24,8 @@ ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr")
 STORAGE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 ENGINES = ("auto", "torch", "deepspeed")
 ATTENTIONS = ("sdpa", "xformers")
+ADVANTAGES = ("tracker", "group")
+TIMESTEP_SELECTIONS = ("random", "first")
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,8 @@ class SampleConfig:
     num_batches_per_epoch: int = opt(4, "per rank")
     storage_dtype: str = opt("auto", "trajectory buffer dtype: `fp32`, `fp16`, `bf16`; `auto` = the mixed-precision "
                                      "dtype")
+    group_size: int = opt(1, "samples per prompt in an epoch (GRPO groups, Flow-GRPO / DanceGRPO); > 1 draws the "
+                             "epoch's prompts once for all ranks and samples each this many times")
 
 
 @dataclass
@@ -69,6 +73,15 @@ class TrainConfig:
     cfg: bool = opt(True, "classifier-free guidance during training")
     max_grad_norm: float = opt(1.0, "gradient clipping (<= 0: off)")
     rwr_beta: float = opt(1.0, "RWR weight exp(beta x advantage), normalised over the batch")
+    advantage: str = opt("tracker", "`tracker`: per-prompt statistics (or the batch's, see per_prompt_stat_tracking); "
+                                    "`group`: normalised within each group of sample.group_size samples of a prompt "
+                                    "(GRPO)")
+    group_global_std: bool = opt(False, "with advantage=group: divide by the std of all the epoch's rewards instead "
+                                        "of the group's (Flow-GRPO's global_std)")
+    timestep_selection: str = opt("random", "which steps train: `random` (DDPO: chosen per sample), `first` (the "
+                                            "first ones, as Flow-GRPO); how many: train.timestep_fraction")
+    kl_beta: float = opt(0.0, "weight of the KL divergence to the starting model's step distribution in the loss "
+                              "(Flow-GRPO; 0: off); logged as `kl`")
 
 
 @dataclass
@@ -83,6 +96,14 @@ class LoraConfig:
     rank: int = opt(4, "LoRA rank")
     alpha: float = opt(4.0, "LoRA alpha")
     target_modules: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated module names LoRA adapts")
+
+
+@dataclass
+class EmaConfig:
+    decay: float = opt(0.0, "EMA of the trained weights (LoRA or full): w_ema = decay w_ema + (1 - decay) w; 0: off")
+    update_every: int = opt(1, "optimizer steps between EMA updates")
+    use_for_final: bool = opt(False, "save the EMA weights as the final model (evaluation during training uses "
+                                     "them whenever the EMA is on)")
 
 
 @dataclass
@@ -136,11 +157,17 @@ class Config:
     engine: str = opt("auto", "`torch` (one process), `deepspeed`; `auto` = DeepSpeed when launched with several "
                               "ranks")
     reward_workers: int = opt(2, "threads of the reward pool")
+    eval_freq: int = opt(0, "epochs between evaluations on fixed prompts and seeds (eval/reward_mean, "
+                            "samples/eval_NNNN.png); 0: off")
+    eval_prompts: str = opt("", "comma-separated prompts of the evaluation; empty: those of `python -m "
+                                "ddpo_fast.evaluate`")
+    eval_seeds: str = opt("0,1", "comma-separated seeds of the evaluation, one image per prompt and seed")
     log_wandb: bool = opt(False, "also log to wandb (scalars and sample grids; see `wandb.*`)")
     sample: SampleConfig = section(SampleConfig)
     train: TrainConfig = section(TrainConfig)
     per_prompt_stat_tracking: StatTrackingConfig = section(StatTrackingConfig)
     lora: LoraConfig = section(LoraConfig)
+    ema: EmaConfig = section(EmaConfig)
     wandb: WandbConfig = section(WandbConfig)
 
     # ---- derived quantities -------------------------------------------------------------
@@ -433,7 +460,7 @@ def read_config_file(path: str) -> dict:
 # format), the seed and the sampling and batch arithmetic (the epochs to come would not be the ones
 # the run would have made).
 RESUMABLE_KEYS = frozenset({
-    "num_epochs", "save_freq", "checkpoint_freq", "num_checkpoint_limit", "max_nonfinite_epochs",
+    "num_epochs", "save_freq", "checkpoint_freq", "eval_freq", "eval_prompts", "eval_seeds", "num_checkpoint_limit", "max_nonfinite_epochs",
     "reward_timeout", "reward_workers", "reward_server", "reward_device", "log_wandb", "compile", "attention",
     "wandb.project", "wandb.name", "wandb.entity",
     "train.learning_rate", "train.adam_beta1", "train.adam_beta2", "train.adam_weight_decay", "train.adam_epsilon",
@@ -517,6 +544,33 @@ def validate(config: Config, world_size: int = 1) -> Config:
     _check(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0, got {t.adv_clip_max}")
     _check(math.isfinite(t.max_grad_norm), f"train.max_grad_norm must be finite, got {t.max_grad_norm}")
     _check(t.rwr_beta > 0, f"train.rwr_beta must be > 0, got {t.rwr_beta}")
+    _check(s.group_size >= 1, f"sample.group_size must be >= 1, got {s.group_size}")
+    _check((config.samples_per_rank * world_size) % s.group_size == 0,
+           f"sample.group_size ({s.group_size}) must divide the samples per epoch ({config.samples_per_rank * world_size}"
+           " = sample.batch_size * sample.num_batches_per_epoch * ranks)")
+    _check(t.advantage in ADVANTAGES, f"train.advantage must be one of {ADVANTAGES}, got {t.advantage!r}")
+    _check(t.advantage != "group" or s.group_size > 1,
+           "train.advantage=group needs sample.group_size > 1 (samples of the same prompt to compare)")
+    _check(t.timestep_selection in TIMESTEP_SELECTIONS,
+           f"train.timestep_selection must be one of {TIMESTEP_SELECTIONS}, got {t.timestep_selection!r}")
+    _check(t.kl_beta >= 0 and math.isfinite(t.kl_beta), f"train.kl_beta must be >= 0, got {t.kl_beta}")
+    _check(not (t.kl_beta > 0 and config.zero_stage == 3 and not config.use_lora
+                and resolved_engine(config, world_size) == "deepspeed"),
+           "train.kl_beta > 0 with a full finetune under zero_stage=3 is not supported (the reference copy would "
+           "not be sharded); use zero_stage=1 or 2, or use_lora=true")
+    e = config.ema
+    _check(e.decay == 0 or 0 < e.decay < 1, f"ema.decay must be 0 (off) or in (0, 1), got {e.decay}")
+    _check(e.update_every >= 1, f"ema.update_every must be >= 1, got {e.update_every}")
+    _check(not (e.use_for_final and e.decay == 0), "ema.use_for_final=true needs an EMA (ema.decay in (0, 1))")
+    _check(not (e.decay and config.zero_stage == 3 and resolved_engine(config, world_size) == "deepspeed"),
+           "ema.decay with zero_stage=3 is not supported (the parameters are partitioned); use zero_stage=1 or 2")
+    _check(config.eval_freq >= 0, f"eval_freq must be >= 0, got {config.eval_freq}")
+    try:
+        seeds = [int(x) for x in config.eval_seeds.split(",")]
+    except ValueError:
+        seeds = []
+    _check(bool(seeds) and all(0 <= x < 2**32 for x in seeds),
+           f"eval_seeds must be comma-separated integers in [0, 2**32), got {config.eval_seeds!r}")
     _check(st.buffer_size >= 1, f"per_prompt_stat_tracking.buffer_size must be >= 1, got {st.buffer_size}")
     _check(st.min_count >= 1, f"per_prompt_stat_tracking.min_count must be >= 1, got {st.min_count}")
     _check(config.lora.rank >= 1, f"lora.rank must be >= 1, got {config.lora.rank}")

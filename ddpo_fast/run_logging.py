@@ -123,17 +123,17 @@ class Logger:
             self.wandb.log(record, step=record["epoch"])
         plot_rewards(self.run_dir / "reward_curve.png", self.metrics)
 
-    def log_grid(self, path: Path, epoch: int) -> None:
+    def log_grid(self, path: Path, epoch: int, tag: str = "samples") -> None:
         """The epoch's sample grid (saved at `path`) in TensorBoard's Images tab and in wandb."""
         from PIL import Image
 
         grid = np.asarray(Image.open(path).convert("RGB"))
-        self.tb.add_image("samples", grid, epoch, dataformats="HWC")
+        self.tb.add_image(tag, grid, epoch, dataformats="HWC")
         self.tb.flush()
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({"samples": wandb.Image(str(path))}, step=epoch)
+            self.wandb.log({tag: wandb.Image(str(path))}, step=epoch)
 
     def close(self) -> None:
         self.tb.close()

@@ -66,16 +66,22 @@ def expected_bytes_per_sample(num_train_timesteps: int, latent_shape, storage_dt
     return num_train_timesteps * (2 * latent_numel * storage_itemsize + 4 + 8) + int(np.prod(embed_shape)) * embed_itemsize
 
 
-def choose_train_steps(batch_size: int, num_steps: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, K) sorted distinct step indices per sample, drawn before sampling."""
+def choose_train_steps(batch_size: int, num_steps: int, num_train_timesteps: int, generator: torch.Generator,
+                       selection: str = "random") -> torch.Tensor:
+    """(B, K) sorted distinct step indices per sample, chosen before sampling: at random per sample
+    (DDPO), or the first K steps (Flow-GRPO)."""
+    # Drawn in both modes: the generator then makes the same initial noise whichever steps train.
     picks = [torch.randperm(num_steps, generator=generator)[:num_train_timesteps] for _ in range(batch_size)]
+    if selection == "first":
+        return torch.arange(num_train_timesteps).expand(batch_size, -1).clone()
     return torch.stack(picks).sort(dim=1).values
 
 
 @torch.no_grad()
 def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, *,
                  latent_shape: tuple[int, int, int], eta: float, guidance_scale: float, num_train_timesteps: int,
-                 seed: int, storage_dtype: torch.dtype, precision: Precision = FP32, progress=None) -> tuple[Trajectories, torch.Tensor]:
+                 seed: int, storage_dtype: torch.dtype, precision: Precision = FP32, progress=None,
+                 timestep_selection: str = "random") -> tuple[Trajectories, torch.Tensor]:
     """Samples B = len(prompt_embeds) trajectories; returns (trajectories, final latents x_0).
 
     `scheduler.set_timesteps` must have been called. CFG is on when `negative_embeds` is given. The
@@ -84,7 +90,7 @@ def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: 
     device = prompt_embeds.device
     batch, num_steps = prompt_embeds.shape[0], len(scheduler.timesteps)
     generator = torch.Generator().manual_seed(seed)
-    train_steps = choose_train_steps(batch, num_steps, num_train_timesteps, generator).to(device)
+    train_steps = choose_train_steps(batch, num_steps, num_train_timesteps, generator, timestep_selection).to(device)
     x = torch.randn((batch, *latent_shape), generator=generator).to(device=device, dtype=storage_dtype)
     x = x * scheduler.init_noise_sigma
 

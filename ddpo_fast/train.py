@@ -36,7 +36,10 @@ import torch
 
 from ddpo_fast import config as cfg
 from ddpo_fast import distributed
-from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages, per_prompt_stats
+from ddpo_fast.advantages import (PerPromptStatTracker, compute_advantages, global_advantages, group_advantages,
+                                  per_prompt_stats)
+from ddpo_fast.ema import EMA
+from ddpo_fast.kl import ddim_kl
 from ddpo_fast.checkpoints import CHECKPOINT_PREFIX, StopRequests, Stopped, save_checkpoint, save_final_model
 from ddpo_fast.distributed import log, mean_across_ranks
 from ddpo_fast.engines import DeepSpeedEngine, TorchEngine, prepare_unet
@@ -74,8 +77,41 @@ class Trainer:
         self.tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
                                              config.per_prompt_stat_tracking.min_count)
                         if config.per_prompt_stat_tracking.enabled else None)
+        t = config.train
+        if t.advantage == "group":
+            self.normalise = lambda _, r: group_advantages(r, s.group_size, t.group_global_std)
+        else:
+            self.normalise = self.tracker.update if self.tracker else lambda _, r: global_advantages(r)
+        self.ema = EMA(engine.module, config.ema.decay, config.ema.update_every) if config.ema.decay else None
+        self.reference_unet = self.make_reference() if t.kl_beta > 0 else None
         self.dropped_samples = 0
         self.nonfinite_epochs = 0  # consecutive epochs without a finite reward
+
+    def make_reference(self):
+        """The starting model for the KL penalty: LoRA's base (the adapters switched off: no copy), or a
+        frozen copy of the full UNet in the mixed-precision dtype (made before a checkpoint loads)."""
+        config = self.scheduler.config
+        if config.prediction_type != "epsilon" or config.clip_sample or config.get("thresholding"):
+            raise cfg.ConfigError("train.kl_beta > 0 needs a scheduler with epsilon prediction and no sample clipping "
+                                  f"or thresholding (this model's: prediction_type={config.prediction_type}, "
+                                  f"clip_sample={config.clip_sample})")
+        if self.config.use_lora:
+            return None
+        import copy
+
+        frozen = copy.deepcopy(self.engine.module).requires_grad_(False).eval()
+        return frozen.to(self.precision.dtype) if self.precision.dtype is not None else frozen
+
+    def reference_output(self, x, step_t, embeds, negative_embeds) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference_unet is not None:
+                return unet_forward(self.reference_unet, x, step_t, embeds, negative_embeds, self.precision)
+            module = self.engine.module
+            module.disable_adapters()
+            try:
+                return unet_forward(module, x, step_t, embeds, negative_embeds, self.precision)
+            finally:
+                module.enable_adapters()
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         from ddpo_fast.models import encode_prompts
@@ -101,7 +137,7 @@ class Trainer:
             raise _StopSampling
 
         # 2. advantages over the rewards of all ranks; non-finite rewards are dropped (advantage 0)
-        advantages, all_rewards, all_advantages, all_prompts = compute_advantages(rewards, prompts, self.tracker,
+        advantages, all_rewards, all_advantages, all_prompts = compute_advantages(rewards, prompts, self.normalise,
                                                                                   self.rank, self.device)
         valid = np.isfinite(all_rewards)
         dropped = int((~valid).sum())
@@ -135,7 +171,38 @@ class Trainer:
         }
         record["_grid"] = (images, prompts[:len(images)], rewards[:len(images)].numpy())
         record["_samples"] = samples  # this rank's prompts, rewards and per-image reward info
+
+        # 5. evaluation on fixed prompts and seeds, every eval_freq epochs and at the end
+        if c.eval_freq and (epoch % c.eval_freq == 0 or epoch == c.num_epochs - 1):
+            record.update(self.evaluate())
         return record
+
+    def evaluate(self) -> dict:
+        """The current weights (the EMA's, when on) on the eval prompts and seeds; every rank runs it
+        (ZeRO-3 needs them all for a forward), rank 0 logs it."""
+        from ddpo_fast.evaluate import DEFAULT_PROMPTS
+
+        c = self.config
+        prompts = [p.strip() for p in c.eval_prompts.split(",") if p.strip()] or DEFAULT_PROMPTS
+        seeds = [int(x) for x in c.eval_seeds.split(",")]
+        images = []
+        with (self.ema.swapped_in() if self.ema else contextlib.nullcontext()), self.engine.sampling_phase():
+            self.engine.module.eval()
+            embeds = self.encode(prompts)
+            for seed in seeds:
+                _, final = sample_batch(self.engine.sampling_module, self.scheduler, embeds, self.negative_embeds,
+                                        latent_shape=self.latent_shape, eta=c.sample.eta,
+                                        guidance_scale=c.sample.guidance_scale, num_train_timesteps=1, seed=seed,
+                                        storage_dtype=self.storage_dtype, precision=self.precision)
+                images.append(decode_images(self.pipe.vae, final))
+        images = torch.stack(images, dim=1).flatten(0, 1)  # prompt-major, then seed
+        all_prompts = [p for p in prompts for _ in seeds]
+        rewards, _ = self.reward_pool.submit(images, all_prompts, [{} for _ in all_prompts]).result()
+        rewards = rewards.double().numpy()
+        finite = rewards[np.isfinite(rewards)]
+        return {"eval/reward_mean": float(finite.mean()) if len(finite) else float("nan"),
+                "eval/per_prompt": per_prompt_stats(all_prompts, rewards),
+                "_eval_grid": (images, all_prompts, rewards)}
 
     def check_rewards_finite(self, epoch: int, dropped: int, total: int) -> None:
         """Says when rewards were dropped; stops after `max_nonfinite_epochs` epochs without one finite reward."""
@@ -157,15 +224,15 @@ class Trainer:
         for b in range(s.num_batches_per_epoch):
             if b and self.stop_requested():
                 raise _StopSampling
-            rng = random.Random(derive_seed(c.seed, epoch, b, self.rank, 1))
-            batch = [self.prompt_fn(rng) for _ in range(s.batch_size)]
+            batch = self.batch_prompts(epoch, b)
             batch_prompts = [p for p, _ in batch]
             batch_meta = [dict(m) for _, m in batch]
             traj, final = sample_batch(
                 unet, self.scheduler, self.encode(batch_prompts), self.negative_embeds,
                 latent_shape=self.latent_shape, eta=s.eta, guidance_scale=s.guidance_scale,
                 num_train_timesteps=c.num_train_timesteps, seed=derive_seed(c.seed, epoch, b, self.rank, 0),
-                storage_dtype=self.storage_dtype, precision=self.precision, progress=progress)
+                storage_dtype=self.storage_dtype, precision=self.precision, progress=progress,
+                timestep_selection=c.train.timestep_selection)
             images = decode_images(self.pipe.vae, final)
             futures.append(self.reward_pool.submit(images, batch_prompts, batch_meta))  # overlaps the next batch
             if images_kept is None:
@@ -187,6 +254,18 @@ class Trainer:
                     info[k] = info.get(k, 0.0) + float(v) / len(results)
         return Trajectories.cat(parts), prompts, rewards, info, images_kept, reward_wait, samples
 
+    def batch_prompts(self, epoch: int, b: int) -> list[tuple[str, dict]]:
+        """Batch b's (prompt, metadata): drawn per rank, or with groups (sample.group_size > 1) from the
+        epoch's prompts, drawn once for all ranks and each repeated group_size times in a row."""
+        c, s = self.config, self.config.sample
+        if s.group_size == 1:
+            rng = random.Random(derive_seed(c.seed, epoch, b, self.rank, 1))
+            return [self.prompt_fn(rng) for _ in range(s.batch_size)]
+        rng = random.Random(derive_seed(c.seed, epoch, 0, 0, 3))  # the same on every rank
+        drawn = [self.prompt_fn(rng) for _ in range(c.samples_per_rank * self.world_size // s.group_size)]
+        start = self.rank * c.samples_per_rank + b * s.batch_size
+        return [drawn[i // s.group_size] for i in range(start, start + s.batch_size)]
+
     # 2. advantages: RWR's weights (DDPO-IS and -SF use the advantages directly) -----------------
     def rwr_weights(self, all_advantages: np.ndarray, valid: np.ndarray) -> torch.Tensor:
         """exp(beta * A) normalised to mean 1 over the valid samples of all ranks; this rank's slice."""
@@ -201,7 +280,7 @@ class Trainer:
         c, t = self.config, self.config.train
         train_cfg = c.use_cfg and t.cfg
         n, k = len(traj), c.num_train_timesteps
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, approx_kl, clipfrac
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, approx_kl, clipfrac, kl
         count, grad_norms = 0, []
         self.engine.module.train()
         for inner in range(t.num_inner_epochs):
@@ -223,14 +302,22 @@ class Trainer:
                     out = unet_forward(self.engine, x, step_t, embeds, self.negative_embeds if train_cfg else None,
                                        self.precision)
                     loss, stats = self.loss_fn(out.contiguous(), x, x_next, alpha_t, alpha_prev, old_log_prob, adv, w)
+                    kl = torch.zeros((), device=self.device)
+                    if t.kl_beta > 0:  # to the starting model's step, with its gradient
+                        ref = self.reference_output(x, step_t, embeds, self.negative_embeds if train_cfg else None)
+                        kl = ddim_kl(out, ref, alpha_t, alpha_prev, eta=c.sample.eta,
+                                     guidance_scale=c.sample.guidance_scale if train_cfg else None).mean()
+                        loss = loss + t.kl_beta * kl
                     self.engine.backward(loss)
                     if self.engine.step():
                         grad_norms.append(self.engine.last_grad_norm)
-                    sums += torch.stack([loss.detach(), stats["approx_kl"], stats["clipfrac"]]).double()  # no sync
+                        if self.ema is not None:
+                            self.ema.after_optimizer_step()
+                    sums += torch.stack([loss.detach(), stats["approx_kl"], stats["clipfrac"], kl.detach()]).double()
                     count += 1
                     if progress is not None:
                         progress.update(1)
-        result = dict(zip(["loss", "approx_kl", "clipfrac"], (sums / max(count, 1)).tolist()))
+        result = dict(zip(["loss", "approx_kl", "clipfrac", "kl"], (sums / max(count, 1)).tolist()))
         finite = [g for g in grad_norms if math.isfinite(g)]
         result["grad_norm"] = float(np.mean(finite)) if finite else float("nan")
         return result
@@ -396,6 +483,8 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
             if trainer.tracker is not None and state.get("tracker") is not None:
                 trainer.tracker.load_state_dict(state["tracker"])
             trainer.dropped_samples = state.get("dropped_samples", 0)
+            if trainer.ema is not None:
+                trainer.ema.load_state_dict(torch.load(resume.checkpoint / "ema.pt", weights_only=True))
             last_saved = state["epoch"]
             log(f"resumed from {resume.checkpoint} at epoch {start_epoch}")
         if rank == 0:  # written once the checkpoint loaded: what config.json says is what runs
@@ -403,14 +492,16 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
             history = resume.history + ([{"epoch": start_epoch, "changes": changes}] if changes else [])
             write_config(run_dir, config, history)
         if resume.changes:
-            log(f"changed on resume, from epoch {start_epoch}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in resume.changes.items()))
+            log(f"changed on resume, from epoch {start_epoch}: "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in resume.changes.items()))
     logger = Logger(run_dir, config, start_epoch) if rank == 0 else None
     log(f"trajectory buffer: {describe_buffer(trainer, config)}")
 
     def checkpoint_of(epoch: int) -> Path:
         state = {"epoch": epoch, "tracker": trainer.tracker.state_dict() if trainer.tracker else None,
                  "dropped_samples": trainer.dropped_samples, "engine": engine_name, "world_size": world_size}
-        return save_checkpoint(run_dir, epoch, engine, state, config.num_checkpoint_limit)
+        extra = {"ema.pt": trainer.ema.state_dict()} if trainer.ema is not None else {}
+        return save_checkpoint(run_dir, epoch, engine, state, config.num_checkpoint_limit, extra)
 
     try:
         with stop:
@@ -428,17 +519,24 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
                     raise Stopped(stop.received, saved, how_to_launch(engine_name, world_size, run_dir)) from None
                 images, grid_prompts, grid_rewards = record.pop("_grid")
                 samples = record.pop("_samples")
+                eval_grid = record.pop("_eval_grid", None)
                 last = epoch == config.num_epochs - 1
                 if rank == 0:
                     logger.log(record)
                     print(f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}  "
                           f"loss {record['loss']:.3g}  kl {record['approx_kl']:.3g}  clipfrac {record['clipfrac']:.3f}  "
-                          f"{record['samples_per_s']:.2f} samples/s", flush=True)
+                          + (f"kl_to_start {record['kl']:.3g}  " if config.train.kl_beta else "")
+                          + f"{record['samples_per_s']:.2f} samples/s", flush=True)
                     if epoch % config.save_freq == 0 or last:
                         grid = run_dir / "samples" / f"epoch_{epoch:04d}.png"
                         save_grid(grid, images, grid_prompts, grid_rewards)
                         logger.log_grid(grid, epoch)
                         save_samples(run_dir / "samples" / f"epoch_{epoch:04d}.jsonl", samples)
+                    if eval_grid is not None:
+                        grid = run_dir / "samples" / f"eval_{epoch:04d}.png"
+                        save_grid(grid, *eval_grid)
+                        logger.log_grid(grid, epoch, tag="eval")
+                        print(f"epoch {epoch}: eval reward {record['eval/reward_mean']:.4f} ({grid})", flush=True)
                 stopping = trainer.stop_requested()
                 if (epoch + 1) % config.checkpoint_freq == 0 or last or stopping:
                     saved = checkpoint_of(epoch)
@@ -451,7 +549,11 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
             logger.close()
 
     final_unet = engine.module
-    if engine_name == "deepspeed" and config.zero_stage == 3:
+    if config.ema.use_for_final:  # (no EMA under ZeRO-3: the config check refuses it)
+        with trainer.ema.swapped_in():
+            if rank == 0:
+                out = save_final_model(pipe, final_unet, config, run_dir)
+    elif engine_name == "deepspeed" and config.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(final_unet.parameters()), modifier_rank=None):
@@ -461,7 +563,7 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
         out = save_final_model(pipe, final_unet, config, run_dir)
     distributed.barrier()
     if rank == 0:
-        grids = sorted((run_dir / "samples").glob("*.png"))
+        grids = sorted((run_dir / "samples").glob("epoch_*.png"))
         print(f"final model: {out}")
         print(f"sample grid: {grids[-1] if grids else None}")
         print(f"reward curve: {run_dir / 'reward_curve.png'}")

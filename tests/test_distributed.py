@@ -51,7 +51,7 @@ def test_collectives_carry_tensors_on_the_rank_device(nccl):
 def test_advantages_gather_rewards_on_the_rank_device(nccl):
     """The rewards come back from the reward pool on the CPU; the gather must move them first."""
     rewards = torch.tensor([1.0, 2.0, 4.0])  # on the CPU, as the pool returns them
-    mine, all_rewards, all_adv, _ = compute_advantages(rewards, ["a", "b", "a"], PerPromptStatTracker(16, 1), rank=1,
+    mine, all_rewards, all_adv, _ = compute_advantages(rewards, ["a", "b", "a"], PerPromptStatTracker(16, 1).update, rank=1,
                                                     device=RANK_DEVICE)
     np.testing.assert_array_equal(all_rewards, [1.0, 2.0, 4.0] * 2)
     assert len(all_adv) == 6 and device_of(mine) == RANK_DEVICE

@@ -148,5 +148,5 @@ def test_non_finite_rewards_get_zero_advantage():
     tracker = PerPromptStatTracker(8, 1)
     adv = tracker.update(["a", "a", "a", "a"], rewards)
     assert adv[1] == 0 and np.isfinite(adv).all() and list(tracker.stats["a"]) == [1.0, 3.0]
-    mine, all_rewards, all_adv, _ = compute_advantages(torch.tensor([1.0, 2.0]), ["x", "y"], None)
+    mine, all_rewards, all_adv, _ = compute_advantages(torch.tensor([1.0, 2.0]), ["x", "y"], lambda _, r: global_advantages(r))
     assert mine.dtype == torch.float32 and all_rewards.shape == (2,) and mine[0] < mine[1]
