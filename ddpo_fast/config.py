@@ -25,7 +25,7 @@ STORAGE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 ENGINES = ("auto", "torch", "deepspeed")
 ATTENTIONS = ("sdpa", "xformers")
 ADVANTAGES = ("tracker", "group")
-TIMESTEP_SELECTIONS = ("random", "first")
+TIMESTEP_SELECTIONS = ("random", "first", "window")
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,9 @@ class TrainConfig:
     group_global_std: bool = opt(False, "with advantage=group: divide by the std of all the epoch's rewards instead "
                                         "of the group's (Flow-GRPO's global_std)")
     timestep_selection: str = opt("random", "which steps train: `random` (DDPO: chosen per sample), `first` (the "
-                                            "first ones, as Flow-GRPO); how many: train.timestep_fraction")
+                                            "first ones, Flow-GRPO), `window` (consecutive steps at a place drawn "
+                                            "per epoch, the only stochastic ones: the others sample with eta 0, "
+                                            "MixGRPO); how many: train.timestep_fraction")
     kl_beta: float = opt(0.0, "weight of the KL divergence to the starting model's step distribution in the loss "
                               "(Flow-GRPO; 0: off); logged as `kl`")
 

@@ -67,13 +67,14 @@ def expected_bytes_per_sample(num_train_timesteps: int, latent_shape, storage_dt
 
 
 def choose_train_steps(batch_size: int, num_steps: int, num_train_timesteps: int, generator: torch.Generator,
-                       selection: str = "random") -> torch.Tensor:
+                       selection: str = "random", window_start: int = 0) -> torch.Tensor:
     """(B, K) sorted distinct step indices per sample, chosen before sampling: at random per sample
-    (DDPO), or the first K steps (Flow-GRPO)."""
-    # Drawn in both modes: the generator then makes the same initial noise whichever steps train.
+    (DDPO), the first K steps (Flow-GRPO), or the K steps from `window_start` (MixGRPO's window)."""
+    # Drawn in every mode: the generator then makes the same initial noise whichever steps train.
     picks = [torch.randperm(num_steps, generator=generator)[:num_train_timesteps] for _ in range(batch_size)]
-    if selection == "first":
-        return torch.arange(num_train_timesteps).expand(batch_size, -1).clone()
+    if selection in ("first", "window"):
+        start = window_start if selection == "window" else 0
+        return torch.arange(start, start + num_train_timesteps).expand(batch_size, -1).clone()
     return torch.stack(picks).sort(dim=1).values
 
 
@@ -81,16 +82,20 @@ def choose_train_steps(batch_size: int, num_steps: int, num_train_timesteps: int
 def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, *,
                  latent_shape: tuple[int, int, int], eta: float, guidance_scale: float, num_train_timesteps: int,
                  seed: int, storage_dtype: torch.dtype, precision: Precision = FP32, progress=None,
-                 timestep_selection: str = "random") -> tuple[Trajectories, torch.Tensor]:
+                 timestep_selection: str = "random", window_start: int = 0) -> tuple[Trajectories, torch.Tensor]:
     """Samples B = len(prompt_embeds) trajectories; returns (trajectories, final latents x_0).
 
     `scheduler.set_timesteps` must have been called. CFG is on when `negative_embeds` is given. The
-    UNet runs under `precision`, the policy training uses too (see ddpo_fast.precision).
+    UNet runs under `precision`, the policy training uses too (see ddpo_fast.precision). With
+    `timestep_selection="window"` only the trained steps are stochastic; the others are deterministic
+    DDIM steps (eta 0, MixGRPO), which need no log-probability.
     """
     device = prompt_embeds.device
     batch, num_steps = prompt_embeds.shape[0], len(scheduler.timesteps)
     generator = torch.Generator().manual_seed(seed)
-    train_steps = choose_train_steps(batch, num_steps, num_train_timesteps, generator, timestep_selection).to(device)
+    train_steps = choose_train_steps(batch, num_steps, num_train_timesteps, generator, timestep_selection,
+                                     window_start).to(device)
+    window = range(window_start, window_start + num_train_timesteps)
     x = torch.randn((batch, *latent_shape), generator=generator).to(device=device, dtype=storage_dtype)
     x = x * scheduler.init_noise_sigma
 
@@ -105,7 +110,8 @@ def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: 
         t = timesteps[i]
         out = unet_forward(unet, x, t, prompt_embeds, negative_embeds, precision)
         alpha_t, alpha_prev = scheduler_alphas(scheduler, t, batch, device)
-        prev, log_prob = ddim_step_logprob(out.contiguous(), x, alpha_t, alpha_prev, eta=eta, seed=seed, offset=i,
+        step_eta = eta if timestep_selection != "window" or i in window else 0.0
+        prev, log_prob = ddim_step_logprob(out.contiguous(), x, alpha_t, alpha_prev, eta=step_eta, seed=seed, offset=i,
                                            guidance_scale=guidance, out_dtype=storage_dtype)
         # Keep step i for the samples that chose it (no host sync: the slot is found on the device).
         hit = train_steps == i

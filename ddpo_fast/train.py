@@ -232,7 +232,7 @@ class Trainer:
                 latent_shape=self.latent_shape, eta=s.eta, guidance_scale=s.guidance_scale,
                 num_train_timesteps=c.num_train_timesteps, seed=derive_seed(c.seed, epoch, b, self.rank, 0),
                 storage_dtype=self.storage_dtype, precision=self.precision, progress=progress,
-                timestep_selection=c.train.timestep_selection)
+                timestep_selection=c.train.timestep_selection, window_start=self.window_start(epoch))
             images = decode_images(self.pipe.vae, final)
             futures.append(self.reward_pool.submit(images, batch_prompts, batch_meta))  # overlaps the next batch
             if images_kept is None:
@@ -253,6 +253,12 @@ class Trainer:
                 if isinstance(v, (int, float)):
                     info[k] = info.get(k, 0.0) + float(v) / len(results)
         return Trajectories.cat(parts), prompts, rewards, info, images_kept, reward_wait, samples
+
+    def window_start(self, epoch: int) -> int:
+        """With train.timestep_selection=window: the first step of the epoch's window, drawn per epoch
+        (the same on every rank and batch)."""
+        span = self.config.sample.num_steps - self.config.num_train_timesteps + 1
+        return derive_seed(self.config.seed, epoch, 0, 0, 4) % span
 
     def batch_prompts(self, epoch: int, b: int) -> list[tuple[str, dict]]:
         """Batch b's (prompt, metadata): drawn per rank, or with groups (sample.group_size > 1) from the

@@ -63,6 +63,25 @@ def test_first_steps_selection_keeps_the_noise_stream():
     assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
 
 
+def test_window_steps_are_the_only_stochastic_ones(monkeypatch):
+    """MixGRPO: inside the window the policy's eta, outside deterministic DDIM (eta 0); the buffer
+    holds the window's steps only."""
+    import ddpo_fast.sampling as sampling
+    from ddpo_fast.models import build_tiny_pipeline, encode_prompts
+
+    etas = []
+    real = sampling.ddim_step_logprob
+    monkeypatch.setattr(sampling, "ddim_step_logprob", lambda *a, eta, **k: etas.append(eta) or real(*a, eta=eta, **k))
+    pipe = build_tiny_pipeline()
+    pipe.scheduler.set_timesteps(6)
+    traj, _ = sampling.sample_batch(pipe.unet, pipe.scheduler, encode_prompts(pipe, ["cat", "dog"], "cpu"), None,
+                                    latent_shape=(4, 8, 8), eta=0.7, guidance_scale=1.0, num_train_timesteps=2,
+                                    seed=0, storage_dtype=torch.float32, timestep_selection="window", window_start=3)
+    assert etas == [0.0, 0.0, 0.0, 0.7, 0.7, 0.0]
+    assert traj.step_indices.tolist() == [[3, 4], [3, 4]] and traj.latents.shape[1] == 2
+    assert (traj.log_probs != 0).all()
+
+
 # ---- KL to the starting model --------------------------------------------------------------------------------
 @pytest.mark.parametrize("guidance", [None, 4.0])
 def test_kl_closed_form_matches_a_monte_carlo_estimate(guidance):
@@ -126,7 +145,7 @@ def test_ema_average_swap_and_state():
     (["sample.group_size=3"], "sample.group_size"),  # 8 samples per epoch
     (["train.advantage=group"], "train.advantage=group needs sample.group_size"),
     (["train.advantage=grp"], "train.advantage must be"),
-    (["train.timestep_selection=window"], "train.timestep_selection"),
+    (["train.timestep_selection=last"], "train.timestep_selection"),
     (["train.kl_beta=-1"], "train.kl_beta"),
     (["ema.decay=1"], "ema.decay"),
     (["ema.use_for_final=true"], "ema.use_for_final"),
@@ -169,7 +188,8 @@ def test_every_option_trains_and_resumes_exactly(tmp_path):
 
 def test_two_deepspeed_ranks_with_every_option(tmp_path):
     run = tmp_path / "run"
-    run_deepspeed(["--run-dir", str(run), *TINY, *ALL_OPTIONS, "use_lora=true", "num_epochs=1"])
+    run_deepspeed(["--run-dir", str(run), *TINY, *ALL_OPTIONS, "use_lora=true", "num_epochs=1",
+                   "train.timestep_selection=window"])
     (record,) = metrics(run)
     assert record["kl"] >= 0 and np.isfinite(record["eval/reward_mean"])
     assert all(p["count"] % 4 == 0 for p in record["per_prompt"].values())  # 16 samples: 4 groups over 2 ranks
