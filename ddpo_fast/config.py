@@ -78,6 +78,9 @@ class TrainConfig:
                                     "(GRPO)")
     group_global_std: bool = opt(False, "with advantage=group: divide by the std of all the epoch's rewards instead "
                                         "of the group's (Flow-GRPO's global_std)")
+    skip_zero_advantage: bool = opt(False, "train only the batches needed for the samples whose advantage is not 0 "
+                                           "(e.g. groups whose rewards are all equal), the same number on every "
+                                           "rank; counted as `skipped_samples`")
     timestep_selection: str = opt("random", "which steps train: `random` (DDPO: chosen per sample), `first` (the "
                                             "first ones, Flow-GRPO), `window` (consecutive steps at a place drawn "
                                             "per epoch, the only stochastic ones: the others sample with eta 0, "
@@ -553,6 +556,8 @@ def validate(config: Config, world_size: int = 1) -> Config:
     _check(t.advantage in ADVANTAGES, f"train.advantage must be one of {ADVANTAGES}, got {t.advantage!r}")
     _check(t.advantage != "group" or s.group_size > 1,
            "train.advantage=group needs sample.group_size > 1 (samples of the same prompt to compare)")
+    _check(not (t.skip_zero_advantage and t.algorithm == "rwr"),
+           "train.skip_zero_advantage does not apply to train.algorithm=rwr (a zero advantage still has weight 1)")
     _check(t.timestep_selection in TIMESTEP_SELECTIONS,
            f"train.timestep_selection must be one of {TIMESTEP_SELECTIONS}, got {t.timestep_selection!r}")
     _check(t.kl_beta >= 0 and math.isfinite(t.kl_beta), f"train.kl_beta must be >= 0, got {t.kl_beta}")

@@ -286,6 +286,7 @@ class Trainer:
         c, t = self.config, self.config.train
         train_cfg = c.use_cfg and t.cfg
         n, k = len(traj), c.num_train_timesteps
+        trained = self.samples_to_train(advantages) if t.skip_zero_advantage else n
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, approx_kl, clipfrac, kl
         count, grad_norms = 0, []
         self.engine.module.train()
@@ -293,7 +294,9 @@ class Trainer:
             g = torch.Generator().manual_seed(derive_seed(c.seed, epoch, inner, self.rank, 2))
             order = torch.randperm(n, generator=g)
             step_order = torch.argsort(torch.rand(n, k, generator=g), dim=1)  # per-sample timestep shuffle
-            for start in range(0, n, t.batch_size):
+            if t.skip_zero_advantage:  # the samples with an advantage first: the first `trained` hold them all
+                order = order[torch.argsort((advantages.cpu()[order] == 0).to(torch.int8), stable=True)]
+            for start in range(0, trained, t.batch_size):
                 batch = order[start:start + t.batch_size]
                 rows, cols = batch.to(self.device), step_order[batch].to(self.device)
                 embeds = traj.prompt_embeds[rows]
@@ -326,7 +329,18 @@ class Trainer:
         result = dict(zip(["loss", "approx_kl", "clipfrac", "kl"], (sums / max(count, 1)).tolist()))
         finite = [g for g in grad_norms if math.isfinite(g)]
         result["grad_norm"] = float(np.mean(finite)) if finite else float("nan")
+        result["skipped_samples"] = n - trained
         return result
+
+    def samples_to_train(self, advantages: torch.Tensor) -> int:
+        """With train.skip_zero_advantage: how many samples (of this rank's, nonzero advantages first)
+        train. The same on every rank, and whole optimizer steps, so that ranks and the engine's
+        accumulation boundaries stay in step: the most any rank needs, rounded up."""
+        t = self.config.train
+        needed = math.ceil(int((advantages != 0).sum()) / t.batch_size)
+        batches = max(distributed.all_gather_objects(needed))
+        batches = math.ceil(batches / t.gradient_accumulation_steps) * t.gradient_accumulation_steps
+        return min(batches * t.batch_size, len(advantages) // t.batch_size * t.batch_size)
 
     def loss_fn(self, out, x, x_next, alpha_t, alpha_prev, old_log_prob, advantages, weights):
         c, t = self.config, self.config.train

@@ -19,7 +19,7 @@ from ddpo_fast.sampling import choose_train_steps
 from ddpo_fast.train import Trainer
 from train_helpers import TINY, metrics, run_deepspeed, run_train
 
-ALL_OPTIONS = ["sample.group_size=4", "train.advantage=group", "train.kl_beta=0.1", "ema.decay=0.9",
+ALL_OPTIONS = ["sample.group_size=4", "train.advantage=group", "train.skip_zero_advantage=true", "train.kl_beta=0.1", "ema.decay=0.9",
                "ema.use_for_final=true", "eval_freq=1", "eval_prompts=cat,a red car", "eval_seeds=0",
                "train.timestep_selection=first"]
 DETERMINISTIC = ["reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "kl", "eval/reward_mean"]
@@ -51,6 +51,17 @@ def test_groups_share_a_prompt_across_ranks():
     assert all(len(set(seen[i:i + 4])) == 1 for i in range(0, 12, 4))  # a group spans ranks 0 and 1 (i = 4)
     again = types.SimpleNamespace(config=config, prompt_fn=prompt_fn, rank=0, world_size=2)
     assert [p for p, _ in Trainer.batch_prompts(again, epoch=6, b=0)] != seen[:3]  # another epoch, other prompts
+
+
+@pytest.mark.parametrize("accumulation, expected", [(1, 2), (2, 4)])
+def test_skipping_zero_advantages_trains_whole_optimizer_steps(accumulation, expected):
+    config = cfg.from_preset(cfg.DEFAULT_PRESET, ["train.batch_size=2", f"train.gradient_accumulation_steps={accumulation}",
+                                                   "train.skip_zero_advantage=true"])
+    me = types.SimpleNamespace(config=config)
+    advantages = torch.tensor([0.0, 1.0, 0.0, 0.0, -2.0, 0.0, 0.0, 0.0])
+    assert Trainer.samples_to_train(me, advantages) == expected  # 2 samples with an advantage: 1 batch
+    assert Trainer.samples_to_train(me, torch.zeros(8)) == 0
+    assert Trainer.samples_to_train(me, torch.ones(8)) == 8
 
 
 # ---- the first steps -------------------------------------------------------------------------------------
@@ -147,6 +158,7 @@ def test_ema_average_swap_and_state():
     (["train.advantage=grp"], "train.advantage must be"),
     (["train.timestep_selection=last"], "train.timestep_selection"),
     (["train.kl_beta=-1"], "train.kl_beta"),
+    (["train.algorithm=rwr", "train.skip_zero_advantage=true"], "train.skip_zero_advantage does not apply"),
     (["ema.decay=1"], "ema.decay"),
     (["ema.use_for_final=true"], "ema.use_for_final"),
     (["ema.update_every=0"], "ema.update_every"),
@@ -167,7 +179,7 @@ def test_every_option_trains_and_resumes_exactly(tmp_path):
     assert "eval reward" in proc.stdout and "kl_to_start" in proc.stdout
     records = metrics(full)
     for r in records:
-        assert r["kl"] > 0 and np.isfinite(r["eval/reward_mean"])
+        assert r["kl"] > 0 and np.isfinite(r["eval/reward_mean"]) and 0 <= r["skipped_samples"] < 8
         assert set(r["eval/per_prompt"]) == {"cat", "a red car"}
         assert all(p["count"] % 4 == 0 for p in r["per_prompt"].values())  # groups of 4 samples of a prompt
     assert (full / "samples" / "eval_0001.png").exists() and (full / "checkpoints" / "epoch-1" / "ema.pt").exists()
