@@ -95,15 +95,25 @@ def test_engine_accumulation_counts_backward_calls():
     pytest.param(["mixed_precision=fp16", "engine=deepspeed"], ["mixed_precision=fp16", "CUDA"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on a GPU")),
 ])
-def test_cli_errors_before_any_model_is_built(tmp_path, args, words):
-    proc = run_train(["--run-dir", str(tmp_path / "run"), *args], check=False)
-    assert proc.returncode == 2, proc.stderr
+def test_cli_errors_before_any_model_is_built(tmp_path, capsys, monkeypatch, args, words):
+    import ddpo_fast.models
+    import ddpo_fast.train as train
+
+    monkeypatch.setattr(ddpo_fast.models, "load_pipeline", lambda *a, **k: pytest.fail("a model was built"))
+    assert train.cli(["--run-dir", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
     for word in words:
-        assert word in proc.stderr
-    assert "Traceback" not in proc.stderr
+        assert word in err
     assert not (tmp_path / "run").exists()  # nothing was written, no model was built
 
 
-def test_cli_unknown_preset(tmp_path):
-    proc = run_train(["--preset", "nope", "--run-dir", str(tmp_path / "r")], check=False)
-    assert proc.returncode == 2 and "--preset" in proc.stderr
+def test_cli_error_in_a_process_exits_2_without_a_traceback(tmp_path):
+    proc = run_train(["--run-dir", str(tmp_path / "run"), "bogus.key=1"], check=False)
+    assert proc.returncode == 2 and "unknown config key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_preset(tmp_path, capsys):
+    import ddpo_fast.train as train
+
+    assert train.cli(["--preset", "nope", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "--preset must be one of" in capsys.readouterr().err
