@@ -5,12 +5,13 @@
     python benchmarks/gpu_checks.py sanitize-probe         # every entry point once, small shapes
     python benchmarks/gpu_checks.py graph                  # a sampling step in a CUDA graph == eager, bit for bit
     python benchmarks/gpu_checks.py kernelbw CSV           # kernel bandwidth against a device-to-device copy
+    python benchmarks/gpu_checks.py dropin                 # the drop-in against trl and torch.compile, per call
     python benchmarks/gpu_checks.py train-summary CSV      # one line from benchmarks/train.py's CSV
     python benchmarks/gpu_checks.py phase RUN_DIR...       # approx_kl / clipfrac of runs with frozen weights
     python benchmarks/gpu_checks.py triton-variants        # CPU only: Triton compiles of the suite's tests
 
-`env`, `phase`, `train-summary` and `triton-variants` run without a GPU; `sanitize-probe`, `graph` and
-`kernelbw` take --cpu-smoke (the suite's dry run): their op calls on the CPU, without the GPU parts.
+`env`, `phase`, `train-summary` and `triton-variants` run without a GPU; `sanitize-probe`, `graph`,
+`kernelbw` and `dropin` take --cpu-smoke (the suite's dry run): their op calls on the CPU, without the GPU parts.
 """
 from __future__ import annotations
 
@@ -250,6 +251,145 @@ def cmd_graph(args) -> int:
               f"graph replay {timings['graph']:.0f} us")
         results.append(f"{name} {'bit-equal' if same else 'DIFFERENT'}" + ("" if ok else " (NOT OK)"))
     print(f"SUMMARY {', '.join(results) or 'no backend'} ({steps} CFG steps, Philox, bf16 storage)")
+    return 1 if failed else 0
+
+
+# ---- dropin --------------------------------------------------------------------------------------
+
+
+def cmd_dropin(args) -> int:
+    """Per-call time of the drop-in `ddim_step_with_logprob(scheduler, ...)` as other DDPO code calls
+    it, at B = 1, 8 and 32 (CFG, 4x64x64, fp32), against trl's `scheduler_step` (CFG outside, as trl's
+    pipeline does) and `torch.compile` of the same math with the same `torch.randn`: the sampling step
+    eager and replayed from a CUDA graph (a candidate that cannot be captured says why), and the
+    training path (log-prob of a given prev_sample -> PPO loss -> backward) eager, with the fused
+    `ddim_ppo_loss` beside it. --cpu-smoke: each candidate's calls once on the CPU, without
+    torch.compile and timing."""
+    import torch
+
+    from ddpo_fast import ops, reference
+
+    try:
+        from diffusers import DDIMScheduler
+    except ImportError as error:
+        print(f"SUMMARY SKIP: diffusers does not import ({error})")
+        return 77
+    try:
+        from trl.models.modeling_sd_base import scheduler_step
+    except ImportError:
+        scheduler_step = None
+    dev, _ = device_backends(args)
+    W, chw, batches = 5.0, (4, 64, 64), (1, 8, 32)
+    if args.cpu_smoke:
+        chw, batches = (4, 8, 8), (1, 2)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(50)
+    t = scheduler.timesteps[25]
+
+    def ppo(log_prob, old, adv):  # trl's DDPOTrainer.loss
+        ratio = torch.exp(log_prob - old)
+        adv = adv.clamp(-5.0, 5.0)
+        return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 1e-4, 1 + 1e-4)).mean()
+
+    def per_call_us(fn, reps):
+        for _ in range(3):
+            fn()
+        synchronize(dev)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        synchronize(dev)
+        return (time.perf_counter() - start) / reps * 1e6
+
+    def graph_us(fn, reps):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return per_call_us(graph.replay, reps)
+
+    rows, failed = [], False
+    for B in batches:
+        gen = torch.Generator().manual_seed(B)
+        m = torch.randn((2 * B,) + chw, generator=gen).to(dev)
+        x = torch.randn((B,) + chw, generator=gen).to(dev)
+        a, p = ops.scheduler_alphas(scheduler, t, B, dev)
+        t_dev = t.expand(B).to(dev)
+        with torch.no_grad():
+            prev, old = ops.ddim_step_with_logprob(scheduler, m, t, x, guidance_scale=W)
+        adv = torch.randn(B, generator=gen).to(dev)
+        leaf = m.clone().requires_grad_()
+
+        def guided(mo):
+            u, c = mo.chunk(2)
+            return u + W * (c - u)
+
+        def math_step(mo, noise):
+            return reference.ddim_step(mo, x, a, p, noise=noise, guidance_scale=W)
+
+        def math_loss(mo):
+            loss, _ = reference.ddim_ppo_loss(mo, x, prev, a, p, old, adv, clip_range=1e-4, adv_clip_max=5.0,
+                                              guidance_scale=W)
+            return loss
+
+        sampling = {"drop-in": lambda: ops.ddim_step_with_logprob(scheduler, m, t, x, eta=1.0, guidance_scale=W)}
+        training = {
+            "drop-in": lambda: ops.ppo_clip_loss(ops.ddim_step_with_logprob(
+                scheduler, leaf, t, x, eta=1.0, prev_sample=prev, guidance_scale=W).log_prob, old, adv, 1e-4, 5.0)[0],
+            "fused ddim_ppo_loss": lambda: ops.ddim_ppo_loss(leaf, x, prev, a, p, old, adv, clip_range=1e-4,
+                                                             adv_clip_max=5.0, guidance_scale=W)[0],
+        }
+        if scheduler_step is not None:
+            sampling["trl"] = lambda: scheduler_step(scheduler, guided(m), t_dev, x, eta=1.0)
+            training["trl"] = lambda: ppo(scheduler_step(scheduler, guided(leaf), t_dev, x, eta=1.0,
+                                                         prev_sample=prev).log_probs, old, adv)
+        if not args.cpu_smoke:
+            compiled_step, compiled_loss = torch.compile(math_step), torch.compile(math_loss)
+            sampling["compile"] = lambda: compiled_step(m, torch.randn(x.shape, device=dev))
+            training["compile"] = lambda: compiled_loss(leaf)
+
+        def backward(loss_fn):
+            def run():
+                leaf.grad = None
+                loss_fn().backward()
+            return run
+
+        for name, fn in sampling.items():
+            with torch.no_grad():
+                if args.cpu_smoke:
+                    fn()
+                    rows.append((B, "sampling", name, "ran", "-"))
+                    continue
+                eager = per_call_us(fn, 50)
+                try:
+                    graphed = f"{graph_us(fn, 50):.1f}"
+                except Exception as error:  # e.g. a host synchronisation inside the candidate
+                    graphed = f"not capturable ({type(error).__name__}: {str(error).splitlines()[0][:60]})"
+                    torch.cuda.synchronize()
+            rows.append((B, "sampling", name, f"{eager:.1f}", graphed))
+        for name, fn in training.items():
+            if args.cpu_smoke:
+                backward(fn)()
+                rows.append((B, "training", name, "ran", "-"))
+                continue
+            rows.append((B, "training", name, f"{per_call_us(backward(fn), 30):.1f}", "-"))
+
+    print("| B | path | candidate | eager us/call | CUDA graph us/call |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
+    if args.cpu_smoke:
+        print(f"SUMMARY {len(rows)} candidate calls ran on the CPU (timing needs a GPU)")
+        return 0
+    at32 = {(r[1], r[2]): r[3] for r in rows if r[0] == batches[-1]}
+    summary = ", ".join(f"{path} {name} {value} us" for (path, name), value in at32.items())
+    print(f"SUMMARY B={batches[-1]} eager: {summary}")
     return 1 if failed else 0
 
 
@@ -619,6 +759,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("graph", help="a sampling step captured in a CUDA graph == eager, bit for bit")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the calls on the CPU (dry run)")
     p.set_defaults(fn=cmd_graph)
+    p = sub.add_parser("dropin", help="the drop-in against trl and torch.compile at B = 1, 8, 32")
+    p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the calls on the CPU (dry run)")
+    p.set_defaults(fn=cmd_dropin)
     p = sub.add_parser("kernelbw", help="kernel bandwidth against a device-to-device copy")
     p.add_argument("csv", help="CSV output")
     p.add_argument("--no-triton", dest="triton", action="store_false", help="the CUDA kernels alone")

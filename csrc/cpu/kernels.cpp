@@ -141,6 +141,18 @@ double forward_chunk(const DdimArgs& a, const StepCoef<T>& k, int64_t b, int64_t
         T diff = xp[j] - scratch[j];
         acc += diff * diff;
       }
+    } else if (a.grad_direction != 0) {  // d log_prob / d m too, while the tile is in L1
+      load_tile(a.prev_sample, a.prev_sample_dtype, at, n, xp);
+      T* direction = reinterpret_cast<T*>(a.grad_direction) + at;
+      const T scale = k.inv_var / T(a.numel);
+#pragma omp simd reduction(+ : acc)
+      for (int j = 0; j < n; ++j) {
+        T mu, dmu;
+        ddim_mean<kClip>(k, x[j], m[j], range, use_clipped, mu, dmu);
+        T diff = xp[j] - mu;
+        acc += diff * diff;
+        direction[j] = dmu * diff * scale;
+      }
     } else {
       load_tile(a.prev_sample, a.prev_sample_dtype, at, n, xp);
 #pragma omp simd reduction(+ : acc)
@@ -193,6 +205,30 @@ void backward_chunk(const DdimArgs& a, const StepCoef<T>& k, T c, int64_t b, int
   }
 }
 
+// grad_model_output over elements [i0, i1) of sample b from the direction the forward pass wrote:
+// c * direction, split over the CFG halves as (1 - w, w).
+template <typename T>
+void direction_backward_chunk(const DdimArgs& a, T c, int64_t b, int64_t i0, int64_t i1) {
+  alignas(64) T g[kTile], cond[kTile];
+  const T* direction = reinterpret_cast<const T*>(a.grad_direction);
+  const T w = T(a.guidance_scale);
+  for (int64_t i = i0; i < i1; i += kTile) {
+    const int n = int(std::min<int64_t>(kTile, i1 - i));
+    const int64_t at = b * a.numel + i;
+    for (int j = 0; j < n; ++j) g[j] = c * direction[at + j];
+    if (!a.cfg) {
+      store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
+      continue;
+    }
+    for (int j = 0; j < n; ++j) {
+      cond[j] = w * g[j];
+      g[j] = g[j] - cond[j];
+    }
+    store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
+    store_tile<false>(a.grad_model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, cond);
+  }
+}
+
 template <typename T>
 std::vector<StepCoef<T>> step_coefficients(const DdimArgs& a) {
   const T* alpha_t = reinterpret_cast<const T*>(a.alpha_t);
@@ -200,6 +236,19 @@ std::vector<StepCoef<T>> step_coefficients(const DdimArgs& a) {
   std::vector<StepCoef<T>> coef(size_t(a.batch));
   for (int64_t b = 0; b < a.batch; ++b) coef[b] = make_step_coef<T>(alpha_t[b], alpha_prev[b], T(a.eta), a.prediction);
   return coef;
+}
+
+// log_prob of each sample from the per-(sample, chunk) sums of squares, added in chunk order.
+template <typename T>
+void log_prob_from_partials(const DdimArgs& a, const double* partial) {
+  const int64_t chunks = chunks_per_sample(a.numel);
+  const auto coef = step_coefficients<T>(a);
+  T* log_prob = reinterpret_cast<T*>(a.log_prob);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    double sumsq = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) sumsq += partial[b * chunks + c];
+    log_prob[b] = log_prob_from_sumsq(coef[b], T(sumsq), a.numel);
+  }
 }
 
 template <typename T>
@@ -214,12 +263,17 @@ void forward_impl(const DdimArgs& a) {
                                     : forward_chunk<T, false>(a, coef[b], b, i0, i1);
     }
   }, a.batch * a.numel >= kParallelElements);
-  T* log_prob = reinterpret_cast<T*>(a.log_prob);
-  for (int64_t b = 0; b < a.batch; ++b) {
-    double sumsq = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) sumsq += partial[b * chunks + c];
-    log_prob[b] = log_prob_from_sumsq(coef[b], T(sumsq), a.numel);
-  }
+  log_prob_from_partials<T>(a, partial.data());
+}
+
+// Work item `item` = (sample, chunk) of forward_impl, on its own: the sum of squares of the chunk.
+template <typename T>
+double forward_item_impl(const DdimArgs& a, int64_t item) {
+  const int64_t chunks = chunks_per_sample(a.numel);
+  const int64_t b = item / chunks, i0 = (item % chunks) * kChunk, i1 = std::min(a.numel, i0 + kChunk);
+  const StepCoef<T> k = make_step_coef<T>(reinterpret_cast<const T*>(a.alpha_t)[b],
+                                          reinterpret_cast<const T*>(a.alpha_prev)[b], T(a.eta), a.prediction);
+  return a.clip_sample ? forward_chunk<T, true>(a, k, b, i0, i1) : forward_chunk<T, false>(a, k, b, i0, i1);
 }
 
 // The PPO loss forward and its gradient in one pass over the data, one sample per work item: the
@@ -267,6 +321,10 @@ void backward_impl(const DdimArgs& a) {
   parallel_for(a.batch * chunks, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, i0 = (item % chunks) * kChunk, i1 = std::min(a.numel, i0 + kChunk);
+      if (a.grad_direction != 0) {
+        direction_backward_chunk<T>(a, grad_log_prob[b], b, i0, i1);
+        continue;
+      }
       const T c = grad_log_prob[b] * coef[b].inv_var / T(a.numel);
       if (a.clip_sample) {
         backward_chunk<T, true>(a, coef[b], c, b, i0, i1);
@@ -285,6 +343,18 @@ void forward(const DdimArgs& args) {
     with_gradient ? forward_with_gradient_impl<double>(args) : forward_impl<double>(args);
   } else {
     with_gradient ? forward_with_gradient_impl<float>(args) : forward_impl<float>(args);
+  }
+}
+
+double forward_item(const DdimArgs& args, int64_t item) {
+  return args.compute == kFloat64 ? forward_item_impl<double>(args, item) : forward_item_impl<float>(args, item);
+}
+
+void finish_forward(const DdimArgs& args, const double* partial) {
+  if (args.compute == kFloat64) {
+    log_prob_from_partials<double>(args, partial);
+  } else {
+    log_prob_from_partials<float>(args, partial);
   }
 }
 
