@@ -7,16 +7,28 @@ device copy, and the speedup of each fused backend over the eager reference, tor
 reference, and trl's scheduler_step.
 
     python benchmarks/ops.py                       # CPU: C++ kernels vs baselines
+    python benchmarks/ops.py --isa all             # CPU: every compiled kernel variant side by side
     python benchmarks/ops.py --device cuda         # GPU: CUDA and Triton kernels vs baselines
     python benchmarks/ops.py --quick               # fewer sizes and repetitions
+    python benchmarks/ops.py --only drop-in        # only the drop-in paths (or: --only low-level)
 
-The sampling-step baselines include their noise generation (torch.randn outside the compiled math);
-the fused step draws its noise in the kernel from the Philox stream. Candidates run interleaved,
-so each starts with caches disturbed by the others, as an op between UNet calls does.
+Two views. Low-level: `ddim_step_logprob` / `ddim_ppo_loss` on per-sample alphas, the step's noise
+from the in-kernel Philox stream (`cpu[ISA]` names the CPU kernel variant), against eager PyTorch and
+torch.compile with `torch.randn` outside (timed with it); "philox ns/normal" is the step with Philox
+noise minus the step reading a noise tensor, per normal. Drop-in: `ddim_step_with_logprob(scheduler,
+...)` exactly as other DDPO code calls it: sampling with a `torch.Generator` (the same noise as
+diffusers draws, so the `torch.randn` of that noise, candidate `randn`, is every candidate's floor;
+"x randn" is each candidate's time over it), and training: the log-prob of a given `prev_sample` ->
+`ppo_clip_loss` -> backward, beside the fused `ddim_ppo_loss`; against trl 0.23.1's `scheduler_step`
+(CFG outside, as trl's pipeline does) and torch.compile of the same math with the same `torch.randn`.
+Candidates run interleaved, so each starts with caches disturbed by the others, as an op between
+UNet calls does.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import statistics
 import sys
 import time
@@ -68,11 +80,31 @@ def time_interleaved(candidates: dict, device: torch.device, rounds: int, warmup
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def fused_backends(device: torch.device) -> list[str]:
+def fused_backends(device: torch.device, isa: str = "auto") -> list[str]:
+    """Fused candidates: 'cpu[ISA]' (the chosen CPU variant, or every one with isa='all'), 'cuda', 'triton'."""
     if device.type == "cpu":
-        return ["cpu"] if _C is not None else []
+        if _C is None:
+            return []
+        isas = list(_C.supported_cpu_isas()) if isa == "all" else [_C.cpu_isa() if isa == "auto" else isa]
+        return [f"cpu[{name}]" for name in isas]
     names = ["cuda"] if cuda_kernels_built() else []
     return names + (["triton"] if triton_available() else [])
+
+
+@contextlib.contextmanager
+def on_backend(name: str):
+    """Runs under the backend of a candidate name; 'cpu[ISA]' also selects the CPU kernel variant."""
+    if not name.startswith("cpu["):
+        with use_backend(name):
+            yield
+        return
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(name[4:-1])
+    try:
+        with use_backend("cpu"):
+            yield
+    finally:
+        _C.set_cpu_isa(previous)
 
 
 def make_inputs(batch: int, shape: tuple, device: torch.device):
@@ -125,12 +157,19 @@ def bench_step(batch, shape, device, rounds, backends):
     trl = trl_candidate(model_output, sample, device)
     if trl is not None:
         candidates["trl"] = trl
+    noise = torch.randn(sample.shape, device=device)
     for name in backends:
         def fused(name=name):
-            with use_backend(name):
+            with on_backend(name):
                 return ops.ddim_step_logprob(model_output, sample, alpha_t, alpha_prev, seed=1, offset=2,
                                              guidance_scale=GUIDANCE)
+
+        def given_noise(name=name):
+            with on_backend(name):
+                return ops.ddim_step_logprob(model_output, sample, alpha_t, alpha_prev, noise=noise,
+                                             guidance_scale=GUIDANCE)
         candidates[name] = fused
+        candidates[f"{name}+noise"] = given_noise  # reads a noise tensor: the difference is the Philox cost
     numel = sample.numel()
     bytes_moved = 4 * (2 * numel + numel + numel)  # read both CFG halves and x_t, write x_{t-1}
     return candidates, bytes_moved
@@ -155,7 +194,7 @@ def bench_loss(batch, shape, device, rounds, backends):
     }
     for name in backends:
         def fused(name=name):
-            with use_backend(name):
+            with on_backend(name):
                 return ops.ddim_ppo_loss(leaf, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages,
                                          clip_range=1e-4, adv_clip_max=5.0, guidance_scale=GUIDANCE)[0]
         candidates[name] = run(fused)
@@ -165,7 +204,114 @@ def bench_loss(batch, shape, device, rounds, backends):
     return candidates, bytes_moved
 
 
-OPS = {"ddim_step (sampling, CFG)": bench_step, "ddim_ppo_loss fwd+bwd (CFG)": bench_loss}
+def drop_in_scheduler():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(50)
+    return scheduler
+
+
+def trl_scheduler_step():
+    try:
+        from trl.models.modeling_sd_base import scheduler_step
+    except ImportError:
+        return None
+    return scheduler_step
+
+
+def guided(model_output):
+    uncond, cond = model_output.chunk(2)
+    return uncond + GUIDANCE * (cond - uncond)
+
+
+def bench_drop_in_step(batch, shape, device, rounds, backends):
+    """ddim_step_with_logprob(scheduler, ..., generator=g) as ddpo-pytorch and trl call it."""
+    model_output, sample, _, _ = make_inputs(batch, shape, device)
+    scheduler = drop_in_scheduler()
+    timestep = scheduler.timesteps[25]
+    alpha_t, alpha_prev = ops.scheduler_alphas(scheduler, timestep, batch, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    compiled = torch.compile(reference_step)
+
+    def randn():
+        return torch.randn(sample.shape, generator=generator, device=device)
+
+    candidates = {"randn": randn,
+                  "compile": lambda: compiled(model_output, sample, alpha_t, alpha_prev, randn())}
+    scheduler_step = trl_scheduler_step()
+    if scheduler_step is not None:
+        per_sample = timestep.expand(batch).to(device)
+        candidates["trl"] = lambda: scheduler_step(scheduler, guided(model_output), per_sample, sample, eta=1.0,
+                                                   generator=generator)
+    for name in backends:
+        def drop_in(name=name):
+            with on_backend(name):
+                return ops.ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0,
+                                                  generator=generator, guidance_scale=GUIDANCE)
+        candidates[f"drop-in {name}"] = drop_in
+    numel = sample.numel()
+    return candidates, 4 * (2 * numel + numel + numel)
+
+
+def bench_drop_in_training(batch, shape, device, rounds, backends):
+    """ddim_step_with_logprob(scheduler, ..., prev_sample=...) -> ppo_clip_loss -> backward, and the
+    fused ddim_ppo_loss that replaces the pair."""
+    model_output, sample, _, _ = make_inputs(batch, shape, device)
+    scheduler = drop_in_scheduler()
+    timestep = scheduler.timesteps[25]
+    alpha_t, alpha_prev = ops.scheduler_alphas(scheduler, timestep, batch, device)
+    prev_sample, old_log_prob = reference_step(model_output, sample, alpha_t, alpha_prev, torch.randn_like(sample))
+    advantages = torch.randn(batch, device=device)
+    leaf = model_output.clone().requires_grad_()
+    compiled = torch.compile(reference_loss)
+
+    def run(loss_fn):
+        def step():
+            leaf.grad = None
+            loss_fn().backward()
+        return step
+
+    candidates = {"compile": run(lambda: compiled(leaf, sample, prev_sample, alpha_t, alpha_prev, old_log_prob,
+                                                  advantages))}
+    scheduler_step = trl_scheduler_step()
+    if scheduler_step is not None:
+        per_sample = timestep.expand(batch).to(device)
+
+        def trl_loss():  # trl's DDPOTrainer.loss on scheduler_step's log-prob
+            log_prob = scheduler_step(scheduler, guided(leaf), per_sample, sample, eta=1.0,
+                                      prev_sample=prev_sample).log_probs
+            ratio = torch.exp(log_prob - old_log_prob)
+            adv = advantages.clamp(-5.0, 5.0)
+            return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 1e-4, 1 + 1e-4)).mean()
+        candidates["trl"] = run(trl_loss)
+    for name in backends:
+        def drop_in(name=name):
+            with on_backend(name):
+                log_prob = ops.ddim_step_with_logprob(scheduler, leaf, timestep, sample, eta=1.0,
+                                                      prev_sample=prev_sample, guidance_scale=GUIDANCE).log_prob
+                return ops.ppo_clip_loss(log_prob, old_log_prob, advantages, 1e-4, 5.0)[0]
+
+        def fused(name=name):
+            with on_backend(name):
+                return ops.ddim_ppo_loss(leaf, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages,
+                                         clip_range=1e-4, adv_clip_max=5.0, guidance_scale=GUIDANCE)[0]
+        candidates[f"drop-in {name}"] = run(drop_in)
+        candidates[f"ddim_ppo_loss {name}"] = run(fused)
+    numel = sample.numel()
+    return candidates, 4 * (4 * numel + 4 * numel + 2 * numel)
+
+
+LOW_LEVEL = {"ddim_step (sampling, CFG)": bench_step, "ddim_ppo_loss fwd+bwd (CFG)": bench_loss}
+DROP_IN = {"drop-in step, generator (CFG)": bench_drop_in_step,
+           "drop-in prev_sample->ppo->bwd (CFG)": bench_drop_in_training}
+
+
+def ratio(times: dict, name: str, seconds: float, inverse: bool = False) -> float:
+    if name not in times:
+        return float("nan")
+    return seconds / times[name] if inverse else times[name] / seconds
 
 
 def main(argv=None) -> int:
@@ -173,6 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate")
+    parser.add_argument("--isa", default="auto", help="CPU kernel variant(s): auto (the machine's choice), all, or a name")
+    parser.add_argument("--only", choices=["low-level", "drop-in"], default=None, help="one view only")
     parser.add_argument("--csv", type=Path, default=None, help="CSV output (default benchmarks/results/ops_DEVICE.csv)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -180,21 +328,25 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device")
     rounds = args.rounds or (15 if args.quick else 40)
     sizes = QUICK_SIZES if args.quick else SIZES
-    backends = fused_backends(device)
+    backends = fused_backends(device, args.isa)
     if not backends:
         print("no fused backend available on", device, file=sys.stderr)
         return 1
     bandwidth = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    isa = f", CPU kernels: {_C.cpu_isa()}" if _C is not None and device.type == "cpu" else ""
+    isa = ""
+    if _C is not None and device.type == "cpu":
+        isa = f", CPU kernels: {_C.cpu_isa()} (the machine's choice; built and supported: {', '.join(_C.supported_cpu_isas())})"
     print(f"device: {name}{isa}; torch {torch.__version__}; measured copy bandwidth {bandwidth:.1f} GB/s\n")
+    views = {"low-level": LOW_LEVEL, "drop-in": DROP_IN}
+    benches = {op: build for view, table in views.items() if args.only in (None, view) for op, build in table.items()}
 
     rows = []
-    header = f"{'op':30} {'size':>14} {'candidate':>9} {'median ms':>10} {'GB/s':>8} {'of copy':>8} " \
-             f"{'vs eager':>9} {'vs compile':>10} {'vs trl':>7}"
+    header = f"{'op':36} {'size':>11} {'candidate':>26} {'median ms':>10} {'GB/s':>7} {'of copy':>8} " \
+             f"{'vs eager':>8} {'vs compile':>10} {'vs trl':>7} {'x randn':>8}"
     print(header)
     print("-" * len(header))
-    for op_name, build in OPS.items():
+    for op_name, build in benches.items():
         for batch, shape in sizes:
             candidates, bytes_moved = build(batch, shape, device, rounds, backends)
             times = time_interleaved(candidates, device, rounds)
@@ -204,13 +356,19 @@ def main(argv=None) -> int:
                 row = {
                     "op": op_name, "size": size, "candidate": candidate, "median_ms": seconds * 1e3,
                     "gb_per_s": gbps, "fraction_of_copy": gbps / bandwidth,
-                    "speedup_vs_eager": times["eager"] / seconds, "speedup_vs_compile": times["compile"] / seconds,
-                    "speedup_vs_trl": times["trl"] / seconds if "trl" in times else float("nan"),
+                    "speedup_vs_eager": ratio(times, "eager", seconds),
+                    "speedup_vs_compile": ratio(times, "compile", seconds),
+                    "speedup_vs_trl": ratio(times, "trl", seconds),
+                    "over_randn": ratio(times, "randn", seconds, inverse=True),
                 }
                 rows.append(row)
-                print(f"{op_name:30} {size:>14} {candidate:>9} {row['median_ms']:10.3f} {gbps:8.1f} "
-                      f"{row['fraction_of_copy']:8.0%} {row['speedup_vs_eager']:9.2f} "
-                      f"{row['speedup_vs_compile']:10.2f} {row['speedup_vs_trl']:7.2f}")
+                print(f"{op_name:36} {size:>11} {candidate:>26} {row['median_ms']:10.3f} {gbps:7.1f} "
+                      f"{row['fraction_of_copy']:8.0%} {row['speedup_vs_eager']:8.2f} "
+                      f"{row['speedup_vs_compile']:10.2f} {row['speedup_vs_trl']:7.2f} {row['over_randn']:8.2f}")
+                if candidate.endswith("+noise") and candidate[:-6] in times:
+                    philox_ns = (times[candidate[:-6]] - seconds) / (batch * math.prod(shape)) * 1e9
+                    print(f"{'':36} {'':>11} {'philox ' + candidate[:-6]:>26} {philox_ns:10.2f} ns/normal "
+                          f"(writing it at copy speed: {4 / bandwidth:.2f} ns/normal)")
             print()
     path = args.csv or Path(__file__).parent / "results" / f"ops_{device.type}.csv"
     write_rows(path, rows)
