@@ -78,40 +78,45 @@ class DdimCall:
         return self.alpha_t.dtype
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def core_args(call: DdimCall):
-    """The DdimArgs struct of the C++ core for `call`."""
+    """The DdimArgs struct of the C++ core for `call`. Only fields that differ from the struct's
+    defaults (csrc/ddim_core.h) are set: each attribute costs a pybind11 call, and this runs on
+    every op call."""
     a = _C.DdimArgs()
     a.batch, a.numel = call.batch, call.numel
-    a.compute = DTYPE_CODES[call.compute_dtype]
-    a.eta = call.eta
-    a.cfg = call.guidance_scale is not None
-    a.guidance_scale = 1.0 if call.guidance_scale is None else call.guidance_scale
-    a.prediction = call.prediction
-    a.clip_sample = call.clip_sample_range is not None
-    a.clip_sample_range = 1.0 if call.clip_sample_range is None else call.clip_sample_range
-    a.use_clipped_model_output = call.use_clipped_model_output
-    a.model_output, a.model_output_dtype = _ptr(call.model_output), DTYPE_CODES[call.model_output.dtype]
-    a.sample, a.sample_dtype = _ptr(call.sample), DTYPE_CODES[call.sample.dtype]
-    a.alpha_t, a.alpha_prev = _ptr(call.alpha_t), _ptr(call.alpha_prev)
-    a.prev_sample, a.prev_sample_dtype = _ptr(call.prev_sample), DTYPE_CODES[call.prev_sample.dtype]
-    a.sample_noise = call.sample_noise
-    if call.noise is not None:
-        a.noise, a.noise_dtype = _ptr(call.noise), DTYPE_CODES[call.noise.dtype]
-    a.seed, a.offset = call.seed, call.offset
-    a.log_prob = _ptr(call.log_prob)
-    a.old_log_prob, a.advantages = _ptr(call.old_log_prob), _ptr(call.advantages)
-    a.ppo_clip_range, a.adv_clip_max = call.ppo_clip_range, call.adv_clip_max
-    a.loss, a.approx_kl, a.clipfrac = _ptr(call.loss), _ptr(call.approx_kl), _ptr(call.clipfrac)
-    a.dloss_dlogp = _ptr(call.dloss_dlogp)
-    if call.grad_prev_sample is not None:
-        a.grad_prev_sample = _ptr(call.grad_prev_sample)
-        a.grad_prev_sample_dtype = DTYPE_CODES[call.grad_prev_sample.dtype]
-    a.grad_log_prob, a.grad_model_output = _ptr(call.grad_log_prob), _ptr(call.grad_model_output)
-    a.grad_direction = _ptr(call.grad_direction)
+    if call.alpha_t.dtype is torch.float64:
+        a.compute = DTYPE_CODES[torch.float64]
+    if call.eta != 1.0:
+        a.eta = call.eta
+    if call.guidance_scale is not None:
+        a.cfg, a.guidance_scale = True, call.guidance_scale
+    if call.prediction:
+        a.prediction = call.prediction
+    if call.clip_sample_range is not None:
+        a.clip_sample, a.clip_sample_range = True, call.clip_sample_range
+    if call.use_clipped_model_output:
+        a.use_clipped_model_output = True
+    for name in ("model_output", "sample", "prev_sample", "noise", "grad_prev_sample"):
+        t = getattr(call, name)
+        if t is not None:
+            setattr(a, name, t.data_ptr())
+            if t.dtype is not torch.float32:
+                setattr(a, name + "_dtype", DTYPE_CODES[t.dtype])
+    a.alpha_t, a.alpha_prev = call.alpha_t.data_ptr(), call.alpha_prev.data_ptr()
+    if call.sample_noise:
+        a.sample_noise = True
+    if call.seed:
+        a.seed = call.seed
+    if call.offset:
+        a.offset = call.offset
+    if call.old_log_prob is not None:
+        a.old_log_prob, a.advantages = call.old_log_prob.data_ptr(), call.advantages.data_ptr()
+        a.ppo_clip_range, a.adv_clip_max = call.ppo_clip_range, call.adv_clip_max
+    for name in ("log_prob", "loss", "approx_kl", "clipfrac", "dloss_dlogp", "grad_log_prob", "grad_model_output",
+                 "grad_direction"):
+        t = getattr(call, name)
+        if t is not None:
+            setattr(a, name, t.data_ptr())
     return a
 
 

@@ -17,6 +17,7 @@ work under torch.compile; on CUDA they never synchronise with the host.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from typing import NamedTuple, Optional
 
@@ -421,6 +422,24 @@ def _eager(backend: str) -> bool:
     return backend != "reference" and not torch.compiler.is_compiling()
 
 
+_scratch = threading.local()
+
+
+def _direction_buffer(shape, dtype, device) -> Tensor:
+    """A (B, ...) buffer for the gradient direction: the previous call's when no one holds it any
+    more (its backward has run), so that a training loop does not fault 2 bytes in per latent
+    element on every step; a fresh one otherwise. One per thread."""
+    key = (tuple(shape), dtype, device)
+    pool = _scratch.__dict__.setdefault("directions", {})
+    buffer = pool.get(key)
+    # Held by the pool alone (no saved-for-backward reference, no view): free to reuse.
+    if (buffer is not None and buffer._use_count() == 1
+            and torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2):
+        return buffer
+    buffer = pool[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buffer
+
+
 class _LogProbOfGiven(torch.autograd.Function):
     """log_prob of a given x_{t-1}, differentiable w.r.t. model_output. On the CPU backend the
     forward pass also writes d log_prob / d m while the data is in cache (csrc/ddim_core.h,
@@ -432,7 +451,7 @@ class _LogProbOfGiven(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0]
         direction = None
         if needs_grad and backend == "cpu":
-            direction = torch.empty(sample.shape, dtype=alpha_t.dtype, device=sample.device)
+            direction = _direction_buffer(sample.shape, alpha_t.dtype, sample.device)
         call = DdimCall(
             model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
             alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch),
@@ -477,6 +496,50 @@ class _PpoClipLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kl, _grad_clipfrac):
         (dloss_dlogp,) = ctx.saved_tensors
         return dloss_dlogp * grad_loss, None, None, None, None, None
+
+
+class _DdimPpoLoss(torch.autograd.Function):
+    """ddim_ppo_loss in eager mode. On the CPU backend the forward pass also writes the gradient for a
+    unit upstream gradient (one pass over the data); it is handed to autograd without another
+    reference, so that AccumulateGrad takes it as the .grad instead of copying it."""
+
+    @staticmethod
+    def forward(ctx, model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, clip_range,
+                adv_clip_max, backend, policy):
+        batch, rows = sample.shape[0], model_output.shape[0]
+        with_grad = ctx.needs_input_grad[0] and backend == "cpu"
+        outputs = _ppo_outputs(batch, alpha_t)
+        grad = torch.empty_like(model_output) if with_grad else None
+        call = DdimCall(
+            model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
+            alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch), log_prob=alpha_t.new_empty(batch),
+            old_log_prob=old_log_prob, advantages=advantages, ppo_clip_range=clip_range, adv_clip_max=adv_clip_max,
+            grad_model_output=_flat(grad, rows), **outputs, **policy)
+        runner(backend).forward(call)
+        ctx.unit_grad = grad
+        if ctx.needs_input_grad[0]:  # also for a second backward (retain_graph) after the first took grad
+            ctx.save_for_backward(model_output, sample, prev_sample, alpha_t, alpha_prev, outputs["dloss_dlogp"])
+            ctx.backend, ctx.policy = backend, policy
+        ctx.mark_non_differentiable(call.log_prob, outputs["approx_kl"], outputs["clipfrac"])
+        return outputs["loss"], call.log_prob, outputs["approx_kl"], outputs["clipfrac"]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused_stat_grads):
+        none = (None,) * 10
+        grad, ctx.unit_grad = ctx.unit_grad, None
+        if grad is not None:  # made by the forward pass, for the first backward; ours alone: scaled in place
+            if grad_loss.item() != 1.0:  # a CPU tensor: no device synchronisation
+                grad.mul_(grad_loss.to(grad.dtype))
+            return (grad,) + none
+        model_output, sample, prev_sample, alpha_t, alpha_prev, dloss_dlogp = ctx.saved_tensors
+        batch, rows = sample.shape[0], model_output.shape[0]
+        grad = torch.empty_like(model_output)
+        call = DdimCall(
+            model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
+            alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch),
+            grad_log_prob=(dloss_dlogp * grad_loss).contiguous(), grad_model_output=_flat(grad, rows), **ctx.policy)
+        runner(ctx.backend).backward(call)
+        return (grad,) + none
 
 
 # ---- Public API --------------------------------------------------------------------------------
@@ -679,14 +742,20 @@ def ddim_ppo_loss(
         return reference.ddim_ppo_loss(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob,
                                        advantages, clip_range=clip_range, adv_clip_max=adv_clip_max,
                                        prediction_type=prediction_type, **policy)
-    # On CPU the forward pass also makes the gradient, while the data is in cache (eager only: a
-    # traced graph keeps the separate backward kernel).
-    with_grad = (resolve_backend(sample.device) == "cpu" and not torch.compiler.is_compiling()
-                 and torch.is_grad_enabled() and model_output.requires_grad)
+    backend = resolve_backend(sample.device)
+    old_log_prob, advantages = old_log_prob.to(dtype).contiguous(), advantages.to(dtype).contiguous()
+    if _eager(backend):
+        policy["prediction"] = PREDICTION_CODES[prediction_type]
+        loss, log_prob, approx_kl, clipfrac = _DdimPpoLoss.apply(
+            model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, clip_range,
+            adv_clip_max, backend, policy)
+        return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac, "log_prob": log_prob}
+    # A traced graph: the custom op, with the separate backward kernel.
+    with_grad = False
     loss, log_prob, approx_kl, clipfrac, _, _ = _ddim_ppo_loss_op(
-        model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob.to(dtype).contiguous(),
-        advantages.to(dtype).contiguous(), prediction=PREDICTION_CODES[prediction_type],
-        clip_range=clip_range, adv_clip_max=adv_clip_max, with_grad=with_grad, **policy)
+        model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages,
+        prediction=PREDICTION_CODES[prediction_type], clip_range=clip_range, adv_clip_max=adv_clip_max,
+        with_grad=with_grad, **policy)
     return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach(), "log_prob": log_prob.detach()}
 
 
