@@ -57,6 +57,35 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cuda_graph_time(fns, reps=20) -> float:
+    """Seconds per call of fns (one call each) replayed from a CUDA graph (warmed up on a side
+    stream first, as capture needs)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (reps * len(fns)))
+    return sorted(times)[len(times) // 2]
+
+
 # ---- env -----------------------------------------------------------------------------------------
 
 
@@ -302,18 +331,6 @@ def cmd_dropin(args) -> int:
         synchronize(dev)
         return (time.perf_counter() - start) / reps * 1e6
 
-    def graph_us(fn, reps):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return per_call_us(graph.replay, reps)
-
     rows, failed = [], False
     for B in batches:
         gen = torch.Generator().manual_seed(B)
@@ -367,8 +384,11 @@ def cmd_dropin(args) -> int:
                     rows.append((B, "sampling", name, "ran", "-"))
                     continue
                 eager = per_call_us(fn, 50)
+                if name == "trl":  # a failed capture can leave the CUDA context unusable: not attempted
+                    rows.append((B, "sampling", name, f"{eager:.1f}", "not capturable (timestep.cpu() inside)"))
+                    continue
                 try:
-                    graphed = f"{graph_us(fn, 50):.1f}"
+                    graphed = f"{cuda_graph_time([fn], 50) * 1e6:.1f}"
                 except Exception as error:  # e.g. a host synchronisation inside the candidate
                     graphed = f"not capturable ({type(error).__name__}: {str(error).splitlines()[0][:60]})"
                     torch.cuda.synchronize()
@@ -432,31 +452,6 @@ def cmd_kernelbw(args) -> int:
         call = DdimCall(grad_log_prob=torch.randn(B, device=dev), grad_model_output=torch.empty_like(m), **common)
         return call, runner.backward, (rows * N + 2 * B * N + rows * N) * s
 
-    def graph_time(fns, reps=20):
-        """Seconds per call of fns (one call each) replayed from a CUDA graph."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for fn in fns:
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for fn in fns:
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record()
-            for _ in range(reps):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / (reps * len(fns)))
-        return sorted(times)[len(times) // 2]
-
     def profiled_us(fns, pattern, reps=10):
         """Median device time (us) of the kernels whose name contains `pattern`."""
         for fn in fns:
@@ -495,12 +490,12 @@ def cmd_kernelbw(args) -> int:
         kernel = "ddim_backward_kernel" if kind == "backward" else "ddim_forward_kernel"
         k_us = profiled_us(fns, kernel)
         fin_us = profiled_us(fns, "finalize_kernel") if kind != "backward" else 0.0
-        step_s = graph_time(fns)
+        step_s = cuda_graph_time(fns)
         half = nbytes // 2
         copies = [(torch.empty(half, dtype=torch.uint8, device=dev), torch.empty(half, dtype=torch.uint8, device=dev))
                   for _ in range(rotation(nbytes))]
         cfns = [(lambda d=d, s=s: d.copy_(s)) for d, s in copies]
-        copy_s = graph_time(cfns)
+        copy_s = cuda_graph_time(cfns)
         copy_k_us = profiled_us(cfns, "Memcpy")
         if math.isnan(copy_k_us):
             copy_k_us = profiled_us(cfns, "copy")
@@ -511,7 +506,7 @@ def cmd_kernelbw(args) -> int:
     def big_copy_GBps(megabytes=1024):
         src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
-        return 2 * src.numel() / graph_time([lambda: dst.copy_(src)], reps=10) / 1e9
+        return 2 * src.numel() / cuda_graph_time([lambda: dst.copy_(src)], reps=10) / 1e9
 
     N = 4 * 64 * 64
     cases = [

@@ -175,12 +175,12 @@ def bench_step(batch, shape, device, rounds, backends):
     return candidates, bytes_moved
 
 
-def bench_loss(batch, shape, device, rounds, backends):
-    model_output, sample, alpha_t, alpha_prev = make_inputs(batch, shape, device)
+def loss_inputs(model_output, sample, alpha_t, alpha_prev):
+    """(prev_sample, old_log_prob, advantages, leaf, run) of a training step: leaf is model_output
+    requiring grad, run(loss_fn) a candidate that clears leaf.grad and backpropagates loss_fn()."""
     prev_sample, old_log_prob = reference_step(model_output, sample, alpha_t, alpha_prev, torch.randn_like(sample))
-    advantages = torch.randn(batch, device=device)
+    advantages = torch.randn(sample.shape[0], device=sample.device)
     leaf = model_output.clone().requires_grad_()
-    compiled = torch.compile(reference_loss)
 
     def run(loss_fn):
         def step():
@@ -188,6 +188,13 @@ def bench_loss(batch, shape, device, rounds, backends):
             loss_fn().backward()
         return step
 
+    return prev_sample, old_log_prob, advantages, leaf, run
+
+
+def bench_loss(batch, shape, device, rounds, backends):
+    model_output, sample, alpha_t, alpha_prev = make_inputs(batch, shape, device)
+    prev_sample, old_log_prob, advantages, leaf, run = loss_inputs(model_output, sample, alpha_t, alpha_prev)
+    compiled = torch.compile(reference_loss)
     candidates = {
         "eager": run(lambda: reference_loss(leaf, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages)),
         "compile": run(lambda: compiled(leaf, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages)),
@@ -262,17 +269,8 @@ def bench_drop_in_training(batch, shape, device, rounds, backends):
     scheduler = drop_in_scheduler()
     timestep = scheduler.timesteps[25]
     alpha_t, alpha_prev = ops.scheduler_alphas(scheduler, timestep, batch, device)
-    prev_sample, old_log_prob = reference_step(model_output, sample, alpha_t, alpha_prev, torch.randn_like(sample))
-    advantages = torch.randn(batch, device=device)
-    leaf = model_output.clone().requires_grad_()
+    prev_sample, old_log_prob, advantages, leaf, run = loss_inputs(model_output, sample, alpha_t, alpha_prev)
     compiled = torch.compile(reference_loss)
-
-    def run(loss_fn):
-        def step():
-            leaf.grad = None
-            loss_fn().backward()
-        return step
-
     candidates = {"compile": run(lambda: compiled(leaf, sample, prev_sample, alpha_t, alpha_prev, old_log_prob,
                                                   advantages))}
     scheduler_step = trl_scheduler_step()

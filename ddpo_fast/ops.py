@@ -375,19 +375,24 @@ def _backward_ddim_ppo(ctx, grad_loss, *_unused_stat_grads):
 _ddim_ppo_loss_op.register_autograd(_backward_ddim_ppo, setup_context=_setup_ddim_ppo)
 
 
-@torch.library.custom_op("ddpo_fast::ppo_clip_loss", mutates_args=())
-def _ppo_clip_loss_op(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, adv_clip_max: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _run_ppo(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, backend) -> dict:
+    """The PPO stage alone on a backend: {"loss", "approx_kl", "clipfrac", "dloss_dlogp"}."""
     batch = log_prob.shape[0]
     outputs = _ppo_outputs(batch, log_prob)
     empty = log_prob.new_empty(batch, 1)
     call = DdimCall(
         model_output=empty, sample=empty, alpha_t=log_prob, alpha_prev=log_prob, prev_sample=empty,
         log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, ppo_clip_range=clip_range,
-        adv_clip_max=adv_clip_max, **outputs,
-    )
-    runner(resolve_backend(log_prob.device)).ppo(call)
+        adv_clip_max=adv_clip_max, **outputs)
+    runner(backend).ppo(call)
+    return outputs
+
+
+@torch.library.custom_op("ddpo_fast::ppo_clip_loss", mutates_args=())
+def _ppo_clip_loss_op(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, adv_clip_max: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    outputs = _run_ppo(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, resolve_backend(log_prob.device))
     return outputs["loss"], outputs["approx_kl"], outputs["clipfrac"], outputs["dloss_dlogp"]
 
 
@@ -420,6 +425,20 @@ _ppo_clip_loss_op.register_autograd(_backward_ppo, setup_context=_setup_ppo)
 
 def _eager(backend: str) -> bool:
     return backend != "reference" and not torch.compiler.is_compiling()
+
+
+def _log_prob_backward(backend, policy, model_output, sample, prev_sample, alpha_t, alpha_prev, grad_log_prob,
+                       direction=None) -> Tensor:
+    """d loss / d model_output from d loss / d log_prob, by the backend's backward kernel (which only
+    scales `direction` when the forward pass wrote one)."""
+    batch, rows = sample.shape[0], model_output.shape[0]
+    grad = torch.empty_like(model_output)
+    call = DdimCall(
+        model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t, alpha_prev=alpha_prev,
+        prev_sample=_flat(prev_sample, batch), grad_log_prob=grad_log_prob.to(alpha_t.dtype).contiguous(),
+        grad_model_output=_flat(grad, rows), grad_direction=_flat(direction, batch), **policy)
+    runner(backend).backward(call)
+    return grad
 
 
 _scratch = threading.local()
@@ -465,29 +484,15 @@ class _LogProbOfGiven(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_prob):
-        model_output, sample, prev_sample, alpha_t, alpha_prev, direction = ctx.saved_tensors
-        batch, rows = sample.shape[0], model_output.shape[0]
-        grad = torch.empty_like(model_output)
-        call = DdimCall(
-            model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
-            alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch),
-            grad_log_prob=grad_log_prob.to(alpha_t.dtype).contiguous(), grad_model_output=_flat(grad, rows),
-            grad_direction=_flat(direction, batch), **ctx.policy)
-        runner(ctx.backend).backward(call)
+        *inputs, direction = ctx.saved_tensors
+        grad = _log_prob_backward(ctx.backend, ctx.policy, *inputs, grad_log_prob, direction)
         return grad, None, None, None, None, None, None
 
 
 class _PpoClipLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, clip_range, adv_clip_max, backend):
-        batch = log_prob.shape[0]
-        outputs = _ppo_outputs(batch, log_prob)
-        empty = log_prob.new_empty(batch, 1)
-        call = DdimCall(
-            model_output=empty, sample=empty, alpha_t=log_prob, alpha_prev=log_prob, prev_sample=empty,
-            log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, ppo_clip_range=clip_range,
-            adv_clip_max=adv_clip_max, **outputs)
-        runner(backend).ppo(call)
+        outputs = _run_ppo(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, backend)
         ctx.save_for_backward(outputs["dloss_dlogp"])
         ctx.mark_non_differentiable(outputs["approx_kl"], outputs["clipfrac"])
         return outputs["loss"], outputs["approx_kl"], outputs["clipfrac"]
@@ -531,15 +536,8 @@ class _DdimPpoLoss(torch.autograd.Function):
             if grad_loss.item() != 1.0:  # a CPU tensor: no device synchronisation
                 grad.mul_(grad_loss.to(grad.dtype))
             return (grad,) + none
-        model_output, sample, prev_sample, alpha_t, alpha_prev, dloss_dlogp = ctx.saved_tensors
-        batch, rows = sample.shape[0], model_output.shape[0]
-        grad = torch.empty_like(model_output)
-        call = DdimCall(
-            model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
-            alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch),
-            grad_log_prob=(dloss_dlogp * grad_loss).contiguous(), grad_model_output=_flat(grad, rows), **ctx.policy)
-        runner(ctx.backend).backward(call)
-        return (grad,) + none
+        *inputs, dloss_dlogp = ctx.saved_tensors
+        return (_log_prob_backward(ctx.backend, ctx.policy, *inputs, dloss_dlogp * grad_loss),) + none
 
 
 # ---- Public API --------------------------------------------------------------------------------

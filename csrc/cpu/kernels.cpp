@@ -226,6 +226,23 @@ void philox_tile(uint64_t g0, int n, uint64_t offset, uint64_t seed, T* z) {
   for (int j = 0; j < n; ++j) z[j] = T(blocks[shift + j]);
 }
 
+// Sum over a tile of a given x' of (x' - mu)^2; kDirection: also d log_prob / d m of each element.
+template <bool kClip, bool kDirection, typename T>
+T given_tile_sumsq(const StepCoef<T>& k, const T* x, const T* m, const T* xp, int n, T range, bool use_clipped,
+                   int64_t numel, T* direction) {
+  const T scale = k.inv_var / T(numel);
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int j = 0; j < n; ++j) {
+    T mu, dmu;
+    ddim_mean<kClip>(k, x[j], m[j], range, use_clipped, mu, dmu);
+    T diff = xp[j] - mu;
+    acc += diff * diff;
+    if (kDirection) direction[j] = dmu * diff * scale;
+  }
+  return acc;
+}
+
 // Sum over elements [i0, i1) of sample b of (x' - mu)^2; writes x' first when sampling.
 template <typename T, bool kClip>
 double forward_chunk(const DdimArgs& a, const StepCoef<T>& k, int64_t b, int64_t i0, int64_t i1) {
@@ -257,31 +274,35 @@ double forward_chunk(const DdimArgs& a, const StepCoef<T>& k, int64_t b, int64_t
         T diff = xp[j] - scratch[j];
         acc += diff * diff;
       }
-    } else if (a.grad_direction != 0) {  // d log_prob / d m too, while the tile is in L1
-      load_tile(a.prev_sample, a.prev_sample_dtype, at, n, xp);
-      T* direction = reinterpret_cast<T*>(a.grad_direction) + at;
-      const T scale = k.inv_var / T(a.numel);
-#pragma omp simd reduction(+ : acc)
-      for (int j = 0; j < n; ++j) {
-        T mu, dmu;
-        ddim_mean<kClip>(k, x[j], m[j], range, use_clipped, mu, dmu);
-        T diff = xp[j] - mu;
-        acc += diff * diff;
-        direction[j] = dmu * diff * scale;
-      }
     } else {
       load_tile(a.prev_sample, a.prev_sample_dtype, at, n, xp);
-#pragma omp simd reduction(+ : acc)
-      for (int j = 0; j < n; ++j) {
-        T mu, dmu;
-        ddim_mean<kClip>(k, x[j], m[j], range, use_clipped, mu, dmu);
-        T diff = xp[j] - mu;
-        acc += diff * diff;
-      }
+      // With grad_direction, d log_prob / d m too, while the tile is in L1.
+      acc = a.grad_direction != 0
+                ? given_tile_sumsq<kClip, true>(k, x, m, xp, n, range, use_clipped, a.numel,
+                                                reinterpret_cast<T*>(a.grad_direction) + at)
+                : given_tile_sumsq<kClip, false>(k, x, m, xp, n, range, use_clipped, a.numel, static_cast<T*>(nullptr));
     }
     total += double(acc);
   }
   return total;
+}
+
+// Stores g = d loss / d m of elements [i, i + n) of sample b as grad_model_output; with CFG split
+// over the halves (d m / d m_uncond = 1 - w, d m / d m_cond = w), using `scratch`; g is overwritten.
+template <typename T>
+void store_guided_gradient(const DdimArgs& a, int64_t b, int64_t i, int n, T* g, T* scratch) {
+  const int64_t at = b * a.numel + i;
+  if (!a.cfg) {
+    store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
+    return;
+  }
+  const T w = T(a.guidance_scale);
+  for (int j = 0; j < n; ++j) {
+    scratch[j] = w * g[j];
+    g[j] = g[j] - scratch[j];
+  }
+  store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
+  store_tile<false>(a.grad_model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, scratch);
 }
 
 // grad_model_output over elements [i0, i1) of sample b; c = grad_log_prob[b] / (sigma^2 numel).
@@ -290,7 +311,6 @@ void backward_chunk(const DdimArgs& a, const StepCoef<T>& k, T c, int64_t b, int
   alignas(64) T m[kTile], scratch[kTile], x[kTile], xp[kTile], gp[kTile], g[kTile];
   const T range = T(a.clip_sample_range);
   const bool use_clipped = a.use_clipped_model_output;
-  const T w = T(a.guidance_scale);
   for (int64_t i = i0; i < i1; i += kTile) {
     const int n = int(std::min<int64_t>(kTile, i1 - i));
     const int64_t at = b * a.numel + i;
@@ -307,17 +327,7 @@ void backward_chunk(const DdimArgs& a, const StepCoef<T>& k, T c, int64_t b, int
       ddim_mean<kClip>(k, x[j], m[j], range, use_clipped, mu, dmu);
       g[j] = dmu * (gp[j] + c * (xp[j] - mu));
     }
-    if (!a.cfg) {
-      store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
-      continue;
-    }
-    // d m / d m_uncond = 1 - w, d m / d m_cond = w.
-    for (int j = 0; j < n; ++j) {
-      scratch[j] = w * g[j];
-      g[j] = g[j] - scratch[j];
-    }
-    store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
-    store_tile<false>(a.grad_model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, scratch);
+    store_guided_gradient(a, b, i, n, g, scratch);
   }
 }
 
@@ -327,21 +337,11 @@ template <typename T>
 void direction_backward_chunk(const DdimArgs& a, T c, int64_t b, int64_t i0, int64_t i1) {
   alignas(64) T g[kTile], cond[kTile];
   const T* direction = reinterpret_cast<const T*>(a.grad_direction);
-  const T w = T(a.guidance_scale);
   for (int64_t i = i0; i < i1; i += kTile) {
     const int n = int(std::min<int64_t>(kTile, i1 - i));
     const int64_t at = b * a.numel + i;
     for (int j = 0; j < n; ++j) g[j] = c * direction[at + j];
-    if (!a.cfg) {
-      store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
-      continue;
-    }
-    for (int j = 0; j < n; ++j) {
-      cond[j] = w * g[j];
-      g[j] = g[j] - cond[j];
-    }
-    store_tile<false>(a.grad_model_output, a.model_output_dtype, at, n, g);
-    store_tile<false>(a.grad_model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, cond);
+    store_guided_gradient(a, b, i, n, g, cond);
   }
 }
 
