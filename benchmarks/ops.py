@@ -10,7 +10,7 @@ reference, and trl's scheduler_step.
     python benchmarks/ops.py --isa all             # CPU: every compiled kernel variant side by side
     python benchmarks/ops.py --device cuda         # GPU: CUDA and Triton kernels vs baselines
     python benchmarks/ops.py --quick               # fewer sizes and repetitions
-    python benchmarks/ops.py --only drop-in        # only the drop-in paths (or: --only low-level)
+    python benchmarks/ops.py --only drop-in        # one view: drop-in, low-level, or noise (Philox per variant)
 
 Two views. Low-level: `ddim_step_logprob` / `ddim_ppo_loss` on per-sample alphas, the step's noise
 from the in-kernel Philox stream (`cpu[ISA]` names the CPU kernel variant), against eager PyTorch and
@@ -22,13 +22,15 @@ diffusers draws, so the `torch.randn` of that noise, candidate `randn`, is every
 `ppo_clip_loss` -> backward, beside the fused `ddim_ppo_loss`; against trl 0.23.1's `scheduler_step`
 (CFG outside, as trl's pipeline does) and torch.compile of the same math with the same `torch.randn`.
 Candidates run interleaved, so each starts with caches disturbed by the others, as an op between
-UNet calls does.
+UNet calls does. Noise (CPU): the Philox noise per variant in one thread's CPU time, which other
+processes on the machine disturb far less than wall time (CSV: ..._noise.csv).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
+import random
 import statistics
 import sys
 import time
@@ -65,13 +67,19 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
 
 
 def time_interleaved(candidates: dict, device: torch.device, rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each candidate, run round-robin."""
+    """Median seconds per call of each candidate, run round-robin in a new random order each round
+    (a candidate that always ran right after another would inherit its wake: torch's OpenMP
+    workers spin for a while after each parallel region, caches hold the other's data)."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     samples = {name: [] for name in candidates}
+    order = random.Random(0)
     for _ in range(rounds):
-        for name, fn in candidates.items():
+        names = list(candidates)
+        order.shuffle(names)
+        for name in names:
+            fn = candidates[name]
             synchronize(device)
             start = time.perf_counter()
             fn()
@@ -301,6 +309,57 @@ def bench_drop_in_training(batch, shape, device, rounds, backends):
     return candidates, 4 * (4 * numel + 4 * numel + 2 * numel)
 
 
+def noise_table(rounds: int) -> list[dict]:
+    """The in-kernel Philox noise per CPU variant, in thread CPU time on one thread (robust to other
+    processes sharing the cores): the sampling kernel with Philox noise minus the same kernel reading
+    a noise tensor, per normal, beside torch.randn's CPU time per normal (its generator is one
+    thread) and the time to write 4 bytes at the measured single-thread write speed."""
+    from ddpo_fast.backends import DdimCall, runner
+
+    batch, numel = 32, 4 * 64 * 64
+    model_output, sample = torch.randn(2 * batch, numel), torch.randn(batch, numel)
+    alpha_t, alpha_prev = torch.full((batch,), 0.5), torch.full((batch,), 0.6)
+    noise, prev, log_prob = torch.randn(batch, numel), torch.empty(batch, numel), torch.empty(batch)
+    common = dict(model_output=model_output, sample=sample, alpha_t=alpha_t, alpha_prev=alpha_prev,
+                  prev_sample=prev, log_prob=log_prob, sample_noise=True, guidance_scale=GUIDANCE)
+    philox, given = DdimCall(seed=1, offset=2, **common), DdimCall(noise=noise, **common)
+    cpu = runner("cpu")
+    previous_threads, previous_isa = torch.get_num_threads(), _C.cpu_isa()
+    torch.set_num_threads(1)  # the runner hands torch's thread count to the kernels
+
+    def cpu_seconds(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(rounds):
+            start = time.thread_time()
+            fn()
+            samples.append(time.thread_time() - start)
+        return statistics.median(samples)
+
+    try:
+        generator = torch.Generator().manual_seed(0)
+        randn_ns = cpu_seconds(lambda: noise.normal_(generator=generator)) / noise.numel() * 1e9
+        write_ns = cpu_seconds(lambda: prev.fill_(1.0)) / prev.numel() * 1e9
+        rows = []
+        for isa in _C.supported_cpu_isas():
+            _C.set_cpu_isa(isa)
+            with_philox, with_tensor = cpu_seconds(lambda: cpu.forward(philox)), cpu_seconds(lambda: cpu.forward(given))
+            rows.append({"op": "philox noise (1 thread, CPU time)", "size": f"{batch}x4x64x64", "candidate": f"cpu[{isa}]",
+                         "ns_per_normal": (with_philox - with_tensor) / noise.numel() * 1e9,
+                         "step_philox_ms": with_philox * 1e3, "step_noise_tensor_ms": with_tensor * 1e3,
+                         "torch_randn_ns_per_normal": randn_ns, "write_ns_per_float": write_ns})
+    finally:
+        torch.set_num_threads(previous_threads)
+        _C.set_cpu_isa(previous_isa)
+    print(f"{'Philox noise, 1 thread, CPU time':36} {'variant':>12} {'ns/normal':>10} {'step ms':>8} "
+          f"{'step ms, noise tensor':>22}")
+    for row in rows:
+        print(f"{'':36} {row['candidate']:>12} {row['ns_per_normal']:10.2f} {row['step_philox_ms']:8.3f} "
+              f"{row['step_noise_tensor_ms']:22.3f}")
+    print(f"{'':36} {'torch.randn':>12} {randn_ns:10.2f}   (writing a float: {write_ns:.2f} ns)\n")
+    return rows
+
+
 LOW_LEVEL = {"ddim_step (sampling, CFG)": bench_step, "ddim_ppo_loss fwd+bwd (CFG)": bench_loss}
 DROP_IN = {"drop-in step, generator (CFG)": bench_drop_in_step,
            "drop-in prev_sample->ppo->bwd (CFG)": bench_drop_in_training}
@@ -318,7 +377,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate")
     parser.add_argument("--isa", default="auto", help="CPU kernel variant(s): auto (the machine's choice), all, or a name")
-    parser.add_argument("--only", choices=["low-level", "drop-in"], default=None, help="one view only")
+    parser.add_argument("--only", choices=["low-level", "drop-in", "noise"], default=None, help="one view only")
     parser.add_argument("--csv", type=Path, default=None, help="CSV output (default benchmarks/results/ops_DEVICE.csv)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -336,10 +395,12 @@ def main(argv=None) -> int:
     if _C is not None and device.type == "cpu":
         isa = f", CPU kernels: {_C.cpu_isa()} (the machine's choice; built and supported: {', '.join(_C.supported_cpu_isas())})"
     print(f"device: {name}{isa}; torch {torch.__version__}; measured copy bandwidth {bandwidth:.1f} GB/s\n")
+    rows, noise_rows = [], []
+    if device.type == "cpu" and args.only in (None, "noise"):
+        noise_rows = noise_table(rounds)
     views = {"low-level": LOW_LEVEL, "drop-in": DROP_IN}
     benches = {op: build for view, table in views.items() if args.only in (None, view) for op, build in table.items()}
 
-    rows = []
     header = f"{'op':36} {'size':>11} {'candidate':>26} {'median ms':>10} {'GB/s':>7} {'of copy':>8} " \
              f"{'vs eager':>8} {'vs compile':>10} {'vs trl':>7} {'x randn':>8}"
     print(header)
@@ -369,7 +430,10 @@ def main(argv=None) -> int:
                           f"(writing it at copy speed: {4 / bandwidth:.2f} ns/normal)")
             print()
     path = args.csv or Path(__file__).parent / "results" / f"ops_{device.type}.csv"
-    write_rows(path, rows)
+    if rows:
+        write_rows(path, rows)
+    if noise_rows:
+        write_rows(path.with_name(f"{path.stem}_noise.csv"), noise_rows)
     return 0
 
 
