@@ -10,6 +10,7 @@ reference, and trl's scheduler_step.
     python benchmarks/ops.py --isa all             # CPU: every compiled kernel variant side by side
     python benchmarks/ops.py --device cuda         # GPU: CUDA and Triton kernels vs baselines
     python benchmarks/ops.py --quick               # fewer sizes and repetitions
+    python benchmarks/ops.py --threads 1           # every candidate on one thread
     python benchmarks/ops.py --only drop-in        # one view: drop-in, low-level, or noise (Philox per variant)
 
 Two views. Low-level: `ddim_step_logprob` / `ddim_ppo_loss` on per-sample alphas, the step's noise
@@ -377,12 +378,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate")
     parser.add_argument("--isa", default="auto", help="CPU kernel variant(s): auto (the machine's choice), all, or a name")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for every candidate (default: torch's; 1 is the fairest "
+                             "measure on a machine that others load: no parallel region waits for a descheduled thread)")
     parser.add_argument("--only", choices=["low-level", "drop-in", "noise"], default=None, help="one view only")
     parser.add_argument("--csv", type=Path, default=None, help="CSV output (default benchmarks/results/ops_DEVICE.csv)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds = args.rounds or (15 if args.quick else 40)
     sizes = QUICK_SIZES if args.quick else SIZES
     backends = fused_backends(device, args.isa)

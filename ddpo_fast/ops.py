@@ -903,12 +903,15 @@ _STREAM_PIECE_ELEMENTS = 1 << 16
 _STREAM_MIN_ELEMENTS = 1 << 17
 
 
-def _noise_pieces(generator, noise: Tensor):
-    """(generator, view of noise, elements filled once it is) in fill order, as diffusers draws."""
+def _noise_pieces(generator, noise: Tensor, whole: bool = False):
+    """(generator, view of noise, elements filled once it is) in fill order, as diffusers draws;
+    with `whole`, a single generator fills all of it in one piece."""
     batch, numel = noise.shape[0], noise[0].numel()
     if isinstance(generator, (list, tuple)):  # one draw of shape (1, ...) per sample
         return [(g, noise[b:b + 1], (b + 1) * numel) for b, g in enumerate(generator)]
     flat, total = noise.view(-1), noise.numel()
+    if whole:
+        return [(generator, noise, total)]
     piece = _STREAM_PIECE_ELEMENTS
     ends = list(range(piece, total - piece + 1, piece))[:-1] if total >= 2 * piece else []
     ends.append(total)  # the last piece holds the remainder: >= 16 elements, as torch needs
@@ -934,12 +937,12 @@ def _sample_with_generator_cpu(model_output, sample, alpha_t, alpha_prev, genera
         model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t, alpha_prev=alpha_prev,
         prev_sample=_flat(prev, batch), log_prob=torch.empty(batch, dtype=alpha_t.dtype), sample_noise=True,
         noise=_flat(noise, batch), **policy)
-    pieces = _noise_pieces(generator, noise)
-    if noise.numel() < _STREAM_MIN_ELEMENTS or torch.get_num_threads() < 2 or len(pieces) < 2:
-        for g, view, _ in pieces:
+    if noise.numel() < _STREAM_MIN_ELEMENTS or torch.get_num_threads() < 2:  # the draw, then the kernel
+        for g, view, _ in _noise_pieces(generator, noise, whole=True):
             view.normal_(generator=g)
         runner("cpu").forward(call)
         return DdimStepOutput(prev, call.log_prob)
+    pieces = _noise_pieces(generator, noise)
     stream = _C.NoiseStream(core_args(call))
     try:
         for g, view, ready in pieces:
