@@ -55,7 +55,8 @@
 # under 8 minutes with the summary), TEST_PROCESSES (default min(12, cores - 4)),
 # DDPO_FAST_CUDA_ARCHS (default 90).
 # Files under $OUT (8, the most the device tool brings back): build.log (env + build), test.log,
-# sanitize.log, graph.log, kernelbw.log, kernelbw.csv, e2e.log, summary.txt (bench.log / rewards.log
+# sanitize.log, graph.log, kernelbw.log (and the dropin step's table), kernelbw.csv, e2e.log,
+# summary.txt (bench.log / rewards.log
 # with those steps).
 set -u
 cd "$(dirname "$0")/.." || exit 1
