@@ -504,9 +504,9 @@ class _PpoClipLoss(torch.autograd.Function):
 
 
 class _DdimPpoLoss(torch.autograd.Function):
-    """ddim_ppo_loss in eager mode. On the CPU backend the forward pass also writes the gradient for a
-    unit upstream gradient (one pass over the data); it is handed to autograd without another
-    reference, so that AccumulateGrad takes it as the .grad instead of copying it."""
+    """ddim_ppo_loss in eager mode, without the custom-op dispatch. On the CPU backend the forward
+    pass also writes the gradient for a unit upstream gradient (one pass over the data); the first
+    backward hands it over (scaled in place for another upstream gradient) and keeps no reference."""
 
     @staticmethod
     def forward(ctx, model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, clip_range,
