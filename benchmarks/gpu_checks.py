@@ -5,12 +5,13 @@
     python benchmarks/gpu_checks.py sanitize-probe         # every entry point once, small shapes
     python benchmarks/gpu_checks.py graph                  # a sampling step in a CUDA graph == eager, bit for bit
     python benchmarks/gpu_checks.py kernelbw CSV           # kernel bandwidth against a device-to-device copy
+    python benchmarks/gpu_checks.py dropin                 # the drop-in against trl and torch.compile, per call
     python benchmarks/gpu_checks.py train-summary CSV      # one line from benchmarks/train.py's CSV
     python benchmarks/gpu_checks.py phase RUN_DIR...       # approx_kl / clipfrac of runs with frozen weights
     python benchmarks/gpu_checks.py triton-variants        # CPU only: Triton compiles of the suite's tests
 
-`env`, `phase`, `train-summary` and `triton-variants` run without a GPU; `sanitize-probe`, `graph` and
-`kernelbw` take --cpu-smoke (the suite's dry run): their op calls on the CPU, without the GPU parts.
+`env`, `phase`, `train-summary` and `triton-variants` run without a GPU; `sanitize-probe`, `graph`,
+`kernelbw` and `dropin` take --cpu-smoke (the suite's dry run): their op calls on the CPU, without the GPU parts.
 """
 from __future__ import annotations
 
@@ -54,6 +55,35 @@ def synchronize(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cuda_graph_time(fns, reps=20) -> float:
+    """Seconds per call of fns (one call each) replayed from a CUDA graph (warmed up on a side
+    stream first, as capture needs)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (reps * len(fns)))
+    return sorted(times)[len(times) // 2]
 
 
 # ---- env -----------------------------------------------------------------------------------------
@@ -253,6 +283,136 @@ def cmd_graph(args) -> int:
     return 1 if failed else 0
 
 
+# ---- dropin --------------------------------------------------------------------------------------
+
+
+def cmd_dropin(args) -> int:
+    """Per-call time of the drop-in `ddim_step_with_logprob(scheduler, ...)` as other DDPO code calls
+    it, at B = 1, 8 and 32 (CFG, 4x64x64, fp32), against trl's `scheduler_step` (CFG outside, as trl's
+    pipeline does) and `torch.compile` of the same math with the same `torch.randn`: the sampling step
+    eager and replayed from a CUDA graph (a candidate that cannot be captured says why), and the
+    training path (log-prob of a given prev_sample -> PPO loss -> backward) eager, with the fused
+    `ddim_ppo_loss` beside it. --cpu-smoke: each candidate's calls once on the CPU, without
+    torch.compile and timing."""
+    import torch
+
+    from ddpo_fast import ops, reference
+
+    try:
+        from diffusers import DDIMScheduler
+    except ImportError as error:
+        print(f"SUMMARY SKIP: diffusers does not import ({error})")
+        return 77
+    try:
+        from trl.models.modeling_sd_base import scheduler_step
+    except ImportError:
+        scheduler_step = None
+    dev, _ = device_backends(args)
+    W, chw, batches = 5.0, (4, 64, 64), (1, 8, 32)
+    if args.cpu_smoke:
+        chw, batches = (4, 8, 8), (1, 2)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(50)
+    t = scheduler.timesteps[25]
+
+    def ppo(log_prob, old, adv):  # trl's DDPOTrainer.loss
+        ratio = torch.exp(log_prob - old)
+        adv = adv.clamp(-5.0, 5.0)
+        return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 1e-4, 1 + 1e-4)).mean()
+
+    def per_call_us(fn, reps):
+        for _ in range(3):
+            fn()
+        synchronize(dev)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        synchronize(dev)
+        return (time.perf_counter() - start) / reps * 1e6
+
+    rows, failed = [], False
+    for B in batches:
+        gen = torch.Generator().manual_seed(B)
+        m = torch.randn((2 * B,) + chw, generator=gen).to(dev)
+        x = torch.randn((B,) + chw, generator=gen).to(dev)
+        a, p = ops.scheduler_alphas(scheduler, t, B, dev)
+        t_dev = t.expand(B).to(dev)
+        with torch.no_grad():
+            prev, old = ops.ddim_step_with_logprob(scheduler, m, t, x, guidance_scale=W)
+        adv = torch.randn(B, generator=gen).to(dev)
+        leaf = m.clone().requires_grad_()
+
+        def guided(mo):
+            u, c = mo.chunk(2)
+            return u + W * (c - u)
+
+        def math_step(mo, noise):
+            return reference.ddim_step(mo, x, a, p, noise=noise, guidance_scale=W)
+
+        def math_loss(mo):
+            loss, _ = reference.ddim_ppo_loss(mo, x, prev, a, p, old, adv, clip_range=1e-4, adv_clip_max=5.0,
+                                              guidance_scale=W)
+            return loss
+
+        sampling = {"drop-in": lambda: ops.ddim_step_with_logprob(scheduler, m, t, x, eta=1.0, guidance_scale=W)}
+        training = {
+            "drop-in": lambda: ops.ppo_clip_loss(ops.ddim_step_with_logprob(
+                scheduler, leaf, t, x, eta=1.0, prev_sample=prev, guidance_scale=W).log_prob, old, adv, 1e-4, 5.0)[0],
+            "fused ddim_ppo_loss": lambda: ops.ddim_ppo_loss(leaf, x, prev, a, p, old, adv, clip_range=1e-4,
+                                                             adv_clip_max=5.0, guidance_scale=W)[0],
+        }
+        if scheduler_step is not None:
+            sampling["trl"] = lambda: scheduler_step(scheduler, guided(m), t_dev, x, eta=1.0)
+            training["trl"] = lambda: ppo(scheduler_step(scheduler, guided(leaf), t_dev, x, eta=1.0,
+                                                         prev_sample=prev).log_probs, old, adv)
+        if not args.cpu_smoke:
+            compiled_step, compiled_loss = torch.compile(math_step), torch.compile(math_loss)
+            sampling["compile"] = lambda: compiled_step(m, torch.randn(x.shape, device=dev))
+            training["compile"] = lambda: compiled_loss(leaf)
+
+        def backward(loss_fn):
+            def run():
+                leaf.grad = None
+                loss_fn().backward()
+            return run
+
+        for name, fn in sampling.items():
+            with torch.no_grad():
+                if args.cpu_smoke:
+                    fn()
+                    rows.append((B, "sampling", name, "ran", "-"))
+                    continue
+                eager = per_call_us(fn, 50)
+                if name == "trl":  # a failed capture can leave the CUDA context unusable: not attempted
+                    rows.append((B, "sampling", name, f"{eager:.1f}", "not capturable (timestep.cpu() inside)"))
+                    continue
+                try:
+                    graphed = f"{cuda_graph_time([fn], 50) * 1e6:.1f}"
+                except Exception as error:  # e.g. a host synchronisation inside the candidate
+                    graphed = f"not capturable ({type(error).__name__}: {str(error).splitlines()[0][:60]})"
+                    torch.cuda.synchronize()
+            rows.append((B, "sampling", name, f"{eager:.1f}", graphed))
+        for name, fn in training.items():
+            if args.cpu_smoke:
+                backward(fn)()
+                rows.append((B, "training", name, "ran", "-"))
+                continue
+            rows.append((B, "training", name, f"{per_call_us(backward(fn), 30):.1f}", "-"))
+
+    print("| B | path | candidate | eager us/call | CUDA graph us/call |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
+    if args.cpu_smoke:
+        print(f"SUMMARY {len(rows)} candidate calls ran on the CPU (timing needs a GPU)")
+        return 0
+    at32 = {(r[1], r[2]): r[3] for r in rows if r[0] == batches[-1]}
+    summary = ", ".join(f"{path} {name} {value} us" for (path, name), value in at32.items())
+    print(f"SUMMARY B={batches[-1]} eager: {summary}")
+    return 1 if failed else 0
+
+
 # ---- kernelbw ------------------------------------------------------------------------------------
 
 
@@ -292,31 +452,6 @@ def cmd_kernelbw(args) -> int:
         call = DdimCall(grad_log_prob=torch.randn(B, device=dev), grad_model_output=torch.empty_like(m), **common)
         return call, runner.backward, (rows * N + 2 * B * N + rows * N) * s
 
-    def graph_time(fns, reps=20):
-        """Seconds per call of fns (one call each) replayed from a CUDA graph."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for fn in fns:
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for fn in fns:
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record()
-            for _ in range(reps):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / (reps * len(fns)))
-        return sorted(times)[len(times) // 2]
-
     def profiled_us(fns, pattern, reps=10):
         """Median device time (us) of the kernels whose name contains `pattern`."""
         for fn in fns:
@@ -355,12 +490,12 @@ def cmd_kernelbw(args) -> int:
         kernel = "ddim_backward_kernel" if kind == "backward" else "ddim_forward_kernel"
         k_us = profiled_us(fns, kernel)
         fin_us = profiled_us(fns, "finalize_kernel") if kind != "backward" else 0.0
-        step_s = graph_time(fns)
+        step_s = cuda_graph_time(fns)
         half = nbytes // 2
         copies = [(torch.empty(half, dtype=torch.uint8, device=dev), torch.empty(half, dtype=torch.uint8, device=dev))
                   for _ in range(rotation(nbytes))]
         cfns = [(lambda d=d, s=s: d.copy_(s)) for d, s in copies]
-        copy_s = graph_time(cfns)
+        copy_s = cuda_graph_time(cfns)
         copy_k_us = profiled_us(cfns, "Memcpy")
         if math.isnan(copy_k_us):
             copy_k_us = profiled_us(cfns, "copy")
@@ -371,7 +506,7 @@ def cmd_kernelbw(args) -> int:
     def big_copy_GBps(megabytes=1024):
         src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
-        return 2 * src.numel() / graph_time([lambda: dst.copy_(src)], reps=10) / 1e9
+        return 2 * src.numel() / cuda_graph_time([lambda: dst.copy_(src)], reps=10) / 1e9
 
     N = 4 * 64 * 64
     cases = [
@@ -619,6 +754,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("graph", help="a sampling step captured in a CUDA graph == eager, bit for bit")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the calls on the CPU (dry run)")
     p.set_defaults(fn=cmd_graph)
+    p = sub.add_parser("dropin", help="the drop-in against trl and torch.compile at B = 1, 8, 32")
+    p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the calls on the CPU (dry run)")
+    p.set_defaults(fn=cmd_dropin)
     p = sub.add_parser("kernelbw", help="kernel bandwidth against a device-to-device copy")
     p.add_argument("csv", help="CSV output")
     p.add_argument("--no-triton", dest="triton", action="store_false", help="the CUDA kernels alone")

@@ -24,6 +24,9 @@
 #             noise, bf16 storage) captured in a CUDA graph: replay == eager bit for bit, per backend ~20 s
 #   kernelbw  the step kernels' bandwidth against a device-to-device copy (rotating buffers over L2);
 #             target >= 0.80 of copy                                                                ~40 s
+#   dropin    per-call time of the drop-in ddim_step_with_logprob(scheduler, ...) at B = 1, 8, 32
+#             against trl's scheduler_step and torch.compile: sampling eager and in a CUDA graph,
+#             training (log-prob -> PPO loss -> backward) eager; its log goes into kernelbw.log    ~40-90 s
 #   e2e       python benchmarks/train.py --model sd15-random --epochs 3 --skip-trl (SD-1.5 shapes,
 #             random weights, bf16, full finetune, CFG: samples/s, peak memory, MFU), then the phase
 #             consistency of a tiny run with frozen weights (approx_kl, clipfrac), again with
@@ -53,8 +56,8 @@
 # under 8 minutes with the summary), TEST_PROCESSES (default min(12, cores - 4)),
 # DDPO_FAST_CUDA_ARCHS (default 90).
 # Files under $OUT (8, the most the device tool brings back): build.log (env + build), test.log,
-# sanitize.log, graph.log, kernelbw.log, kernelbw.csv, e2e.log, summary.txt (bench.log / rewards.log /
-# preference.log with those steps).
+# sanitize.log, graph.log, kernelbw.log (and the dropin step's table), kernelbw.csv, e2e.log,
+# summary.txt (bench.log / rewards.log / preference.log with those steps).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
@@ -79,17 +82,17 @@ NOTE_FILE="$STATE/note"
 ENV_FILE="$STATE/env.txt"  # `module NAME ok|missing ...` and `fact KEY VALUE` lines from gpu_checks.py env
 TEST_PATHS=(tests/test_cuda.py tests/test_triton_device.py)
 
-ALL_STEPS=(env build test sanitize graph kernelbw e2e)
+ALL_STEPS=(env build test sanitize graph kernelbw dropin e2e)
 if [ ${#ARGS[@]} -gt 0 ]; then STEPS=("${ARGS[@]}"); else STEPS=("${ALL_STEPS[@]}"); fi
 
 # Per step: the most it may take (cap, s), and what it keeps for itself against earlier steps running
 # long (reserve, s): a step gets min(cap, time left - the reserves of the steps still to come).
-declare -A CAP=([env]=60 [build]=180 [test]=240 [sanitize]=150 [graph]=90 [kernelbw]=120 [e2e]=330
+declare -A CAP=([env]=60 [build]=180 [test]=240 [sanitize]=150 [graph]=90 [kernelbw]=120 [dropin]=120 [e2e]=330
                 [bench]=300 [rewards]=560 [preference]=560)
-declare -A RESERVE=([env]=10 [build]=40 [test]=60 [sanitize]=30 [graph]=15 [kernelbw]=30 [e2e]=150
+declare -A RESERVE=([env]=10 [build]=40 [test]=60 [sanitize]=30 [graph]=15 [kernelbw]=30 [dropin]=20 [e2e]=150
                     [bench]=60 [rewards]=60 [preference]=60)
 declare -A LOG=([env]=build.log [build]=build.log [test]=test.log [sanitize]=sanitize.log [graph]=graph.log
-                [kernelbw]=kernelbw.log [e2e]=e2e.log [bench]=bench.log [rewards]=rewards.log
+                [kernelbw]=kernelbw.log [dropin]=kernelbw.log [e2e]=e2e.log [bench]=bench.log [rewards]=rewards.log
                 [preference]=preference.log)
 
 declare -a R_NAME=() R_STATUS=() R_SECS=() R_NOTE=() NO_TIME=()
@@ -285,6 +288,17 @@ step_kernelbw() {
   return $rc
 }
 
+step_dropin() {
+  if ! module_ok diffusers; then
+    note "diffusers does not import ($WHEEL_NOTE)"
+    return 77
+  fi
+  t 120 "$PY" benchmarks/gpu_checks.py dropin
+  local rc=$?
+  note "$(grep '^SUMMARY' "$OUT/kernelbw.log" | tail -n 1 | sed 's/^SUMMARY //')"
+  return $rc
+}
+
 step_e2e() {
   if ! module_ok diffusers; then
     note "diffusers does not import ($WHEEL_NOTE)"
@@ -465,6 +479,12 @@ dry_graph() {
 dry_kernelbw() {
   check "gpu_checks.py kernelbw --cpu-smoke" smoke kernelbw "$STATE/kernelbw_smoke.csv"
   add_note "each case's calls ran on the CPU; timing needs a GPU"
+  dry_end
+}
+
+dry_dropin() {
+  check "gpu_checks.py dropin --cpu-smoke" smoke dropin
+  add_note "each candidate's calls ran on the CPU; timing needs a GPU"
   dry_end
 }
 

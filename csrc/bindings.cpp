@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/noise_stream.h"
 #include "cpu/thread_pool.h"
 #include "ddim_core.h"
 
@@ -37,7 +38,7 @@ PYBIND11_MODULE(_C, m) {
       DDPO_FIELD(old_log_prob) DDPO_FIELD(advantages) DDPO_FIELD(ppo_clip_range) DDPO_FIELD(adv_clip_max)
       DDPO_FIELD(loss) DDPO_FIELD(approx_kl) DDPO_FIELD(clipfrac) DDPO_FIELD(dloss_dlogp)
       DDPO_FIELD(grad_prev_sample) DDPO_FIELD(grad_prev_sample_dtype) DDPO_FIELD(grad_log_prob)
-      DDPO_FIELD(grad_model_output)
+      DDPO_FIELD(grad_model_output) DDPO_FIELD(grad_direction)
       DDPO_FIELD(workspace) DDPO_FIELD(stream) DDPO_FIELD(device);
 #undef DDPO_FIELD
 
@@ -52,6 +53,13 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif
+
+  py::class_<ddpo::NoiseStream>(m, "NoiseStream",
+                                "CPU sampling step computed while its noise tensor is filled (see noise_stream.h)")
+      .def(py::init<const DdimArgs&>())
+      .def("publish", &ddpo::NoiseStream::publish)
+      .def("cancel", &ddpo::NoiseStream::cancel)
+      .def("finish", &ddpo::NoiseStream::finish, py::call_guard<py::gil_scoped_release>());
 
   m.def("chunks_per_sample", &ddpo::chunks_per_sample, "CUDA workspace entries per sample");
   m.def("set_num_threads", &ddpo::set_num_threads);

@@ -70,6 +70,13 @@ struct DdimArgs {
   uintptr_t grad_log_prob = 0;     // (batch,), compute dtype
   uintptr_t grad_model_output = 0;  // out, model_output's shape and dtype
 
+  // CPU only, the log-probability of a given x_{t-1} (sample_noise false, no PPO stage): a forward
+  // call with grad_direction set also writes d log_prob_b / d m (m the guided model output) of each
+  // element, (batch, numel) in the compute dtype, while the data is in cache; a backward call with
+  // it set reads it instead of the inputs: grad_model_output = grad_log_prob[b] * direction (split
+  // (1 - w, w) over the CFG halves). grad_prev_sample must be 0 then.
+  uintptr_t grad_direction = 0;
+
   // CUDA only: workspace of batch * chunks_per_sample(numel) compute-dtype partial sums,
   // the stream (cudaStream_t as an integer) and the device index.
   uintptr_t workspace = 0;

@@ -47,11 +47,14 @@ void validate_args(const DdimArgs& a, bool backward) {
     require_pointer(a.grad_log_prob, "grad_log_prob");
     require_pointer(a.grad_model_output, "grad_model_output");
     if (a.grad_prev_sample != 0) require_dtype(a.grad_prev_sample_dtype, "grad_prev_sample");
+    require(a.grad_direction == 0 || a.grad_prev_sample == 0, "grad_direction cannot be combined with grad_prev_sample");
     return;
   }
   require_pointer(a.log_prob, "log_prob");
   if (a.sample_noise && a.noise != 0) require_dtype(a.noise_dtype, "noise");
   if (a.old_log_prob != 0) validate_ppo_args(a);
+  require(a.grad_direction == 0 || (!a.sample_noise && a.old_log_prob == 0),
+          "grad_direction is written only by the log-probability of a given prev_sample");
 }
 
 void validate_ppo_args(const DdimArgs& a) {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,10 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 
 try:
     from ddpo_fast import _C
-except ImportError:  # not built (e.g. a source checkout without `pip install`)
+    _C_IMPORT_ERROR: str | None = None
+except ImportError as error:  # not built (e.g. a source checkout without `pip install`)
     _C = None
+    _C_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 
 @dataclass
@@ -58,6 +61,9 @@ class DdimCall:
     grad_prev_sample: torch.Tensor | None = None  # (B, N), optional
     grad_log_prob: torch.Tensor | None = None  # (B,), compute dtype
     grad_model_output: torch.Tensor | None = None  # out, like model_output
+    # CPU only: d log_prob / d (guided) model output, (B, N) in the compute dtype; written by the
+    # forward pass of a given prev_sample, read by the backward pass (see csrc/ddim_core.h).
+    grad_direction: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -72,39 +78,45 @@ class DdimCall:
         return self.alpha_t.dtype
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def core_args(call: DdimCall):
-    """The DdimArgs struct of the C++ core for `call`."""
+    """The DdimArgs struct of the C++ core for `call`. Only fields that differ from the struct's
+    defaults (csrc/ddim_core.h) are set: each attribute costs a pybind11 call, and this runs on
+    every op call."""
     a = _C.DdimArgs()
     a.batch, a.numel = call.batch, call.numel
-    a.compute = DTYPE_CODES[call.compute_dtype]
-    a.eta = call.eta
-    a.cfg = call.guidance_scale is not None
-    a.guidance_scale = 1.0 if call.guidance_scale is None else call.guidance_scale
-    a.prediction = call.prediction
-    a.clip_sample = call.clip_sample_range is not None
-    a.clip_sample_range = 1.0 if call.clip_sample_range is None else call.clip_sample_range
-    a.use_clipped_model_output = call.use_clipped_model_output
-    a.model_output, a.model_output_dtype = _ptr(call.model_output), DTYPE_CODES[call.model_output.dtype]
-    a.sample, a.sample_dtype = _ptr(call.sample), DTYPE_CODES[call.sample.dtype]
-    a.alpha_t, a.alpha_prev = _ptr(call.alpha_t), _ptr(call.alpha_prev)
-    a.prev_sample, a.prev_sample_dtype = _ptr(call.prev_sample), DTYPE_CODES[call.prev_sample.dtype]
-    a.sample_noise = call.sample_noise
-    if call.noise is not None:
-        a.noise, a.noise_dtype = _ptr(call.noise), DTYPE_CODES[call.noise.dtype]
-    a.seed, a.offset = call.seed, call.offset
-    a.log_prob = _ptr(call.log_prob)
-    a.old_log_prob, a.advantages = _ptr(call.old_log_prob), _ptr(call.advantages)
-    a.ppo_clip_range, a.adv_clip_max = call.ppo_clip_range, call.adv_clip_max
-    a.loss, a.approx_kl, a.clipfrac = _ptr(call.loss), _ptr(call.approx_kl), _ptr(call.clipfrac)
-    a.dloss_dlogp = _ptr(call.dloss_dlogp)
-    if call.grad_prev_sample is not None:
-        a.grad_prev_sample = _ptr(call.grad_prev_sample)
-        a.grad_prev_sample_dtype = DTYPE_CODES[call.grad_prev_sample.dtype]
-    a.grad_log_prob, a.grad_model_output = _ptr(call.grad_log_prob), _ptr(call.grad_model_output)
+    if call.alpha_t.dtype is torch.float64:
+        a.compute = DTYPE_CODES[torch.float64]
+    if call.eta != 1.0:
+        a.eta = call.eta
+    if call.guidance_scale is not None:
+        a.cfg, a.guidance_scale = True, call.guidance_scale
+    if call.prediction:
+        a.prediction = call.prediction
+    if call.clip_sample_range is not None:
+        a.clip_sample, a.clip_sample_range = True, call.clip_sample_range
+    if call.use_clipped_model_output:
+        a.use_clipped_model_output = True
+    for name in ("model_output", "sample", "prev_sample", "noise", "grad_prev_sample"):
+        t = getattr(call, name)
+        if t is not None:
+            setattr(a, name, t.data_ptr())
+            if t.dtype is not torch.float32:
+                setattr(a, name + "_dtype", DTYPE_CODES[t.dtype])
+    a.alpha_t, a.alpha_prev = call.alpha_t.data_ptr(), call.alpha_prev.data_ptr()
+    if call.sample_noise:
+        a.sample_noise = True
+    if call.seed:
+        a.seed = call.seed
+    if call.offset:
+        a.offset = call.offset
+    if call.old_log_prob is not None:
+        a.old_log_prob, a.advantages = call.old_log_prob.data_ptr(), call.advantages.data_ptr()
+        a.ppo_clip_range, a.adv_clip_max = call.ppo_clip_range, call.adv_clip_max
+    for name in ("log_prob", "loss", "approx_kl", "clipfrac", "dloss_dlogp", "grad_log_prob", "grad_model_output",
+                 "grad_direction"):
+        t = getattr(call, name)
+        if t is not None:
+            setattr(a, name, t.data_ptr())
     return a
 
 
@@ -197,17 +209,48 @@ def cuda_kernels_built() -> bool:
     return _C is not None and _C.built_with_cuda()
 
 
+_warned_fallback: set[str] = set()
+
+
+def _auto_backend(device_type: str) -> tuple[str, str | None]:
+    """What `auto` picks for a device type, and why, when it is the reference."""
+    if device_type == "cpu":
+        if _C is not None:
+            return "cpu", None
+        return "reference", f"the compiled module ddpo_fast._C is missing ({_C_IMPORT_ERROR})"
+    if device_type == "cuda":
+        if cuda_kernels_built():
+            return "cuda", None
+        if triton_available():
+            return "triton", None
+        built = "missing" if _C is None else "built without CUDA"
+        return "reference", f"ddpo_fast._C is {built} and triton is not installed"
+    return "reference", f"no compiled backend runs on {device_type} tensors"
+
+
+def _warn_fallback(device_type: str, reason: str) -> None:
+    """Once per device type and process: the slow path is in use although nobody asked for it."""
+    if device_type in _warned_fallback:
+        return
+    _warned_fallback.add(device_type)
+    package = os.path.dirname(os.path.abspath(__file__))
+    warnings.warn(
+        f"ddpo_fast: {device_type} tensors fall back to the slow reference ops: {reason}. ddpo_fast "
+        f"was imported from {package}; a source checkout shadows an installed package when Python "
+        f"runs from the repository's folder, so build it in place (`pip install -e .`) or run from "
+        f"elsewhere. Set DDPO_FAST_BACKEND=reference to choose the reference without this warning; "
+        f"ddpo_fast.ops.backend_info() says what each device gets.",
+        RuntimeWarning, stacklevel=3)
+
+
 def resolve_backend(device: torch.device) -> str:
     """The backend that runs on `device`: the requested one, checked, or the best available."""
     name = requested_backend()
     if name == "auto":
-        if device.type == "cpu":
-            return "cpu" if _C is not None else "reference"
-        if device.type == "cuda":
-            if cuda_kernels_built():
-                return "cuda"
-            return "triton" if triton_available() else "reference"
-        return "reference"
+        name, reason = _auto_backend(device.type)
+        if reason is not None and device.type in ("cpu", "cuda"):
+            _warn_fallback(device.type, reason)
+        return name
     if name == "cpu" and (_C is None or device.type != "cpu"):
         raise RuntimeError(
             f"backend 'cpu' needs the compiled extension ddpo_fast._C and CPU tensors "
@@ -237,3 +280,31 @@ def runner(name: str):
 
         return triton_ddim
     raise ValueError(f"no compiled runner for backend {name!r}")
+
+
+def backend_info() -> dict:
+    """Which backend each device gets, and why: {"compiled_module": path or None, "import_error",
+    "built_with_cuda", "requested" (DDPO_FAST_BACKEND / set_backend), "devices": {"cpu": {"backend",
+    "cpu_isa", "supported_cpu_isas", "reason"}, "cuda:N": {...}}}. "reason" says why a device gets the
+    reference (None otherwise). Warns nothing and runs no kernel."""
+    requested = requested_backend()
+    devices = {"cpu": "cpu"}
+    if torch.cuda.is_available():
+        devices.update({f"cuda:{i}": "cuda" for i in range(torch.cuda.device_count())})
+    info = {
+        "compiled_module": getattr(_C, "__file__", None),
+        "import_error": _C_IMPORT_ERROR,
+        "built_with_cuda": cuda_kernels_built(),
+        "requested": requested,
+        "devices": {},
+    }
+    for name, device_type in devices.items():
+        backend, reason = _auto_backend(device_type)
+        if requested != "auto":
+            backend, reason = requested, None
+        entry = {"backend": backend, "reason": reason}
+        if device_type == "cpu":
+            entry["cpu_isa"] = _C.cpu_isa() if _C is not None and backend == "cpu" else None
+            entry["supported_cpu_isas"] = list(_C.supported_cpu_isas()) if _C is not None else []
+        info["devices"][name] = entry
+    return info

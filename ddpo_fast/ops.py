@@ -17,6 +17,7 @@ work under torch.compile; on CUDA they never synchronise with the host.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from typing import NamedTuple, Optional
 
@@ -25,6 +26,9 @@ from torch import Tensor
 
 from ddpo_fast import reference
 from ddpo_fast.backends import (
+    _C,
+    backend_info,
+    core_args,
     PREDICTION_CODES,
     DdimCall,
     resolve_backend,
@@ -42,6 +46,7 @@ __all__ = [
     "DdimStepOutput",
     "set_backend",
     "use_backend",
+    "backend_info",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -370,19 +375,24 @@ def _backward_ddim_ppo(ctx, grad_loss, *_unused_stat_grads):
 _ddim_ppo_loss_op.register_autograd(_backward_ddim_ppo, setup_context=_setup_ddim_ppo)
 
 
-@torch.library.custom_op("ddpo_fast::ppo_clip_loss", mutates_args=())
-def _ppo_clip_loss_op(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, adv_clip_max: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _run_ppo(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, backend) -> dict:
+    """The PPO stage alone on a backend: {"loss", "approx_kl", "clipfrac", "dloss_dlogp"}."""
     batch = log_prob.shape[0]
     outputs = _ppo_outputs(batch, log_prob)
     empty = log_prob.new_empty(batch, 1)
     call = DdimCall(
         model_output=empty, sample=empty, alpha_t=log_prob, alpha_prev=log_prob, prev_sample=empty,
         log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, ppo_clip_range=clip_range,
-        adv_clip_max=adv_clip_max, **outputs,
-    )
-    runner(resolve_backend(log_prob.device)).ppo(call)
+        adv_clip_max=adv_clip_max, **outputs)
+    runner(backend).ppo(call)
+    return outputs
+
+
+@torch.library.custom_op("ddpo_fast::ppo_clip_loss", mutates_args=())
+def _ppo_clip_loss_op(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, adv_clip_max: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    outputs = _run_ppo(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, resolve_backend(log_prob.device))
     return outputs["loss"], outputs["approx_kl"], outputs["clipfrac"], outputs["dloss_dlogp"]
 
 
@@ -405,6 +415,129 @@ def _backward_ppo(ctx, grad_loss, *_unused_stat_grads):
 
 
 _ppo_clip_loss_op.register_autograd(_backward_ppo, setup_context=_setup_ppo)
+
+
+# ---- Eager autograd (no torch.library dispatch) ------------------------------------------------
+# In eager mode the public functions call the kernels through these autograd.Functions: the same
+# kernels as the custom ops above, without ~50-100 us of custom-op dispatch per call. A traced
+# graph (torch.compile) always goes through the custom ops.
+
+
+def _eager(backend: str) -> bool:
+    return backend != "reference" and not torch.compiler.is_compiling()
+
+
+def _log_prob_backward(backend, policy, model_output, sample, prev_sample, alpha_t, alpha_prev, grad_log_prob,
+                       direction=None) -> Tensor:
+    """d loss / d model_output from d loss / d log_prob, by the backend's backward kernel (which only
+    scales `direction` when the forward pass wrote one)."""
+    batch, rows = sample.shape[0], model_output.shape[0]
+    grad = torch.empty_like(model_output)
+    call = DdimCall(
+        model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t, alpha_prev=alpha_prev,
+        prev_sample=_flat(prev_sample, batch), grad_log_prob=grad_log_prob.to(alpha_t.dtype).contiguous(),
+        grad_model_output=_flat(grad, rows), grad_direction=_flat(direction, batch), **policy)
+    runner(backend).backward(call)
+    return grad
+
+
+_scratch = threading.local()
+
+
+def _direction_buffer(shape, dtype, device) -> Tensor:
+    """A (B, ...) buffer for the gradient direction: the previous call's when no one holds it any
+    more (its backward has run), so that a training loop does not fault 2 bytes in per latent
+    element on every step; a fresh one otherwise. One per thread."""
+    key = (tuple(shape), dtype, device)
+    pool = _scratch.__dict__.setdefault("directions", {})
+    buffer = pool.get(key)
+    # Held by the pool alone (no saved-for-backward reference, no view): free to reuse.
+    if (buffer is not None and buffer._use_count() == 1
+            and torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2):
+        return buffer
+    buffer = pool[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buffer
+
+
+class _LogProbOfGiven(torch.autograd.Function):
+    """log_prob of a given x_{t-1}, differentiable w.r.t. model_output. On the CPU backend the
+    forward pass also writes d log_prob / d m while the data is in cache (csrc/ddim_core.h,
+    grad_direction), and the backward pass only scales it: one pass over the inputs instead of two."""
+
+    @staticmethod
+    def forward(ctx, model_output, sample, prev_sample, alpha_t, alpha_prev, backend, policy):
+        batch, rows = sample.shape[0], model_output.shape[0]
+        needs_grad = ctx.needs_input_grad[0]
+        direction = None
+        if needs_grad and backend == "cpu":
+            direction = _direction_buffer(sample.shape, alpha_t.dtype, sample.device)
+        call = DdimCall(
+            model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
+            alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch),
+            log_prob=torch.empty(batch, dtype=alpha_t.dtype, device=sample.device),
+            grad_direction=_flat(direction, batch), **policy)
+        runner(backend).forward(call)
+        if needs_grad:
+            ctx.save_for_backward(model_output, sample, prev_sample, alpha_t, alpha_prev, direction)
+            ctx.backend, ctx.policy = backend, policy
+        return call.log_prob
+
+    @staticmethod
+    def backward(ctx, grad_log_prob):
+        *inputs, direction = ctx.saved_tensors
+        grad = _log_prob_backward(ctx.backend, ctx.policy, *inputs, grad_log_prob, direction)
+        return grad, None, None, None, None, None, None
+
+
+class _PpoClipLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, clip_range, adv_clip_max, backend):
+        outputs = _run_ppo(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, backend)
+        ctx.save_for_backward(outputs["dloss_dlogp"])
+        ctx.mark_non_differentiable(outputs["approx_kl"], outputs["clipfrac"])
+        return outputs["loss"], outputs["approx_kl"], outputs["clipfrac"]
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_clipfrac):
+        (dloss_dlogp,) = ctx.saved_tensors
+        return dloss_dlogp * grad_loss, None, None, None, None, None
+
+
+class _DdimPpoLoss(torch.autograd.Function):
+    """ddim_ppo_loss in eager mode, without the custom-op dispatch. On the CPU backend the forward
+    pass also writes the gradient for a unit upstream gradient (one pass over the data); the first
+    backward hands it over (scaled in place for another upstream gradient) and keeps no reference."""
+
+    @staticmethod
+    def forward(ctx, model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, clip_range,
+                adv_clip_max, backend, policy):
+        batch, rows = sample.shape[0], model_output.shape[0]
+        with_grad = ctx.needs_input_grad[0] and backend == "cpu"
+        outputs = _ppo_outputs(batch, alpha_t)
+        grad = torch.empty_like(model_output) if with_grad else None
+        call = DdimCall(
+            model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
+            alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch), log_prob=alpha_t.new_empty(batch),
+            old_log_prob=old_log_prob, advantages=advantages, ppo_clip_range=clip_range, adv_clip_max=adv_clip_max,
+            grad_model_output=_flat(grad, rows), **outputs, **policy)
+        runner(backend).forward(call)
+        ctx.unit_grad = grad
+        if ctx.needs_input_grad[0]:  # also for a second backward (retain_graph) after the first took grad
+            ctx.save_for_backward(model_output, sample, prev_sample, alpha_t, alpha_prev, outputs["dloss_dlogp"])
+            ctx.backend, ctx.policy = backend, policy
+        ctx.mark_non_differentiable(call.log_prob, outputs["approx_kl"], outputs["clipfrac"])
+        return outputs["loss"], call.log_prob, outputs["approx_kl"], outputs["clipfrac"]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused_stat_grads):
+        none = (None,) * 10
+        grad, ctx.unit_grad = ctx.unit_grad, None
+        if grad is not None:  # made by the forward pass, for the first backward; ours alone: scaled in place
+            if grad_loss.item() != 1.0:  # a CPU tensor: no device synchronisation
+                grad.mul_(grad_loss.to(grad.dtype))
+            return (grad,) + none
+        *inputs, dloss_dlogp = ctx.saved_tensors
+        return (_log_prob_backward(ctx.backend, ctx.policy, *inputs, dloss_dlogp * grad_loss),) + none
 
 
 # ---- Public API --------------------------------------------------------------------------------
@@ -494,23 +627,33 @@ def ddim_step_logprob(
 
     policy = dict(eta=eta, guidance_scale=guidance_scale, clip_sample_range=clip_sample_range,
                   use_clipped_model_output=use_clipped_model_output)
-    if resolve_backend(sample.device) == "reference":
+    return _dispatch_step(model_output, sample, alpha_t, alpha_prev, prev_sample, noise, seed, offset, out_dtype,
+                          prediction_type, policy, resolve_backend(sample.device))
+
+
+def _dispatch_step(model_output, sample, alpha_t, alpha_prev, prev_sample, noise, seed, offset, out_dtype,
+                   prediction_type, policy, backend) -> DdimStepOutput:
+    """One validated step (alphas in the compute dtype, contiguous) on `backend`."""
+    if backend == "reference":
         step = reference.ddim_step(model_output, sample, alpha_t, alpha_prev, noise=noise, seed=seed, offset=offset,
                                    prev_sample=prev_sample, prediction_type=prediction_type, out_dtype=out_dtype,
                                    **policy)
         return DdimStepOutput(*step)
-    prediction = PREDICTION_CODES[prediction_type]
+    policy = dict(policy, prediction=PREDICTION_CODES[prediction_type])
     if prev_sample is not None:
-        log_prob = _ddim_log_prob_op(model_output, sample, prev_sample.detach(), alpha_t, alpha_prev,
-                                     prediction=prediction, **policy)
+        prev_sample = prev_sample.detach()
+        if _eager(backend):
+            log_prob = _LogProbOfGiven.apply(model_output, sample, prev_sample, alpha_t, alpha_prev, backend, policy)
+        else:
+            log_prob = _ddim_log_prob_op(model_output, sample, prev_sample, alpha_t, alpha_prev, **policy)
         return DdimStepOutput(prev_sample, log_prob)
     seed = seed or 0
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and model_output.requires_grad):
         prev, log_prob = _ddim_step_op(model_output, sample, alpha_t, alpha_prev, noise, seed, offset,
-                                       prediction=prediction, out_dtype=out_dtype, **policy)
+                                       out_dtype=out_dtype, **policy)
     else:  # sampling without gradients: the kernel directly, skipping ~40 us of op dispatch
         prev, log_prob = _run_step(model_output, sample, alpha_t, alpha_prev, None, noise, seed, offset,
-                                   prediction=prediction, out_dtype=out_dtype, **policy)
+                                   out_dtype=out_dtype, **policy)
     return DdimStepOutput(prev, log_prob)
 
 
@@ -538,12 +681,16 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
     batch = log_prob.shape[0]
     clip_range, adv_clip_max = _check_ppo_inputs(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, batch)
     _reject_grad("ppo_clip_loss", old_log_prob=old_log_prob, advantages=advantages)
-    if resolve_backend(log_prob.device) == "reference":
+    backend = resolve_backend(log_prob.device)
+    if backend == "reference":
         return reference.ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max)
     dtype = reference.compute_dtype(log_prob, old_log_prob, advantages)
-    loss, approx_kl, clipfrac, _ = _ppo_clip_loss_op(
-        log_prob.to(dtype).contiguous(), old_log_prob.to(dtype).contiguous(), advantages.to(dtype).contiguous(),
-        clip_range, adv_clip_max)
+    log_prob, old_log_prob, advantages = (t.to(dtype).contiguous() for t in (log_prob, old_log_prob, advantages))
+    if _eager(backend):
+        loss, approx_kl, clipfrac = _PpoClipLoss.apply(log_prob, old_log_prob, advantages, clip_range, adv_clip_max,
+                                                       backend)
+        return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac}
+    loss, approx_kl, clipfrac, _ = _ppo_clip_loss_op(log_prob, old_log_prob, advantages, clip_range, adv_clip_max)
     return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach()}
 
 
@@ -593,34 +740,24 @@ def ddim_ppo_loss(
         return reference.ddim_ppo_loss(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob,
                                        advantages, clip_range=clip_range, adv_clip_max=adv_clip_max,
                                        prediction_type=prediction_type, **policy)
-    # On CPU the forward pass also makes the gradient, while the data is in cache (eager only: a
-    # traced graph keeps the separate backward kernel).
-    with_grad = (resolve_backend(sample.device) == "cpu" and not torch.compiler.is_compiling()
-                 and torch.is_grad_enabled() and model_output.requires_grad)
+    backend = resolve_backend(sample.device)
+    old_log_prob, advantages = old_log_prob.to(dtype).contiguous(), advantages.to(dtype).contiguous()
+    if _eager(backend):
+        policy["prediction"] = PREDICTION_CODES[prediction_type]
+        loss, log_prob, approx_kl, clipfrac = _DdimPpoLoss.apply(
+            model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, clip_range,
+            adv_clip_max, backend, policy)
+        return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac, "log_prob": log_prob}
+    # A traced graph: the custom op, with the separate backward kernel.
+    with_grad = False
     loss, log_prob, approx_kl, clipfrac, _, _ = _ddim_ppo_loss_op(
-        model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob.to(dtype).contiguous(),
-        advantages.to(dtype).contiguous(), prediction=PREDICTION_CODES[prediction_type],
-        clip_range=clip_range, adv_clip_max=adv_clip_max, with_grad=with_grad, **policy)
+        model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages,
+        prediction=PREDICTION_CODES[prediction_type], clip_range=clip_range, adv_clip_max=adv_clip_max,
+        with_grad=with_grad, **policy)
     return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach(), "log_prob": log_prob.detach()}
 
 
 # ---- diffusers DDIMScheduler adapter -----------------------------------------------------------
-
-# id(alphas_cumprod) -> (weak reference to it, {device: float32 copy}); tensors cannot be dict keys.
-_alphas_on_device: dict[int, tuple] = {}
-
-
-def _alphas_cumprod_on(scheduler, device: torch.device) -> Tensor:
-    """scheduler.alphas_cumprod as float32 on `device`, copied once per device."""
-    source = scheduler.alphas_cumprod
-    entry = _alphas_on_device.get(id(source))
-    if entry is None or entry[0]() is not source:
-        entry = (weakref.ref(source, lambda _, key=id(source), cache=_alphas_on_device: cache.pop(key, None)), {})
-        _alphas_on_device[id(source)] = entry
-    per_device = entry[1]
-    if device not in per_device:
-        per_device[device] = source.to(device=device, dtype=torch.float32)
-    return per_device[device]
 
 
 def _check_scheduler(scheduler) -> None:
@@ -633,6 +770,106 @@ def _check_scheduler(scheduler) -> None:
         raise NotImplementedError("scheduler.config.thresholding=True (dynamic thresholding) is not supported")
 
 
+class _SchedulerTables:
+    """What a DDIMScheduler step needs, built once per scheduler configuration (set_timesteps, the
+    config, the alphas tensors) instead of on every call: alpha_prod_t and alpha_prod_t_prev of
+    every training timestep as a (2, num_train_timesteps) table per device and dtype, and, for one
+    timestep for the whole batch, the (B,) tensors themselves, so that a step makes no tensor on the
+    host and copies nothing to the device."""
+
+    _MAX_PAIRS = 4096  # cached (device, dtype, timestep, batch) pairs before the cache starts over
+
+    def __init__(self, scheduler, key):
+        _check_scheduler(scheduler)
+        config = scheduler.config
+        self.key = key
+        self.num_train = int(config.num_train_timesteps)
+        stride = self.num_train // scheduler.num_inference_steps
+        alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+        final = float(scheduler.final_alpha_cumprod)
+        steps = torch.arange(self.num_train)
+        prev = steps - stride
+        alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
+        self.host = torch.stack([alphas, alpha_prev])  # float64, (2, num_train)
+        a, p = self.host
+        # Timesteps whose alphas the kernels accept: checked here once, not on every call.
+        self.valid = ((a > 0) & (a < 1) & (p >= a) & (p <= 1)).tolist()
+        self.prediction_type = config.prediction_type
+        self.clip_sample_range = config.clip_sample_range if config.clip_sample else None
+        self._tables: dict = {}
+        self._pairs: dict = {}
+
+    def table(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = self.host.to(device=device, dtype=dtype)
+        return table
+
+    def check_timestep(self, timestep: int) -> None:
+        if not 0 <= timestep < self.num_train:
+            raise ValueError(f"timestep must lie in [0, {self.num_train}), got {timestep}")
+
+    def alphas(self, timestep, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+        """(alpha_prod_t, alpha_prod_t_prev, checked): contiguous (B,) tensors in `dtype` on
+        `device`; checked says whether their values are known to be valid (else check them). For
+        one timestep the tensors are cached: read them, never write them."""
+        if isinstance(timestep, Tensor):
+            if timestep.numel() == 1 and timestep.device.type == "cpu":
+                timestep = int(timestep)  # a host value: no device work at all
+            else:
+                return self._per_sample(timestep, batch, device, dtype)
+        elif isinstance(timestep, bool) or not isinstance(timestep, int):
+            raise TypeError(f"timestep must be an int or a tensor, got {type(timestep).__name__}")
+        key = (device, dtype, timestep, batch)
+        pair = self._pairs.get(key)
+        if pair is None:
+            self.check_timestep(timestep)
+            if len(self._pairs) >= self._MAX_PAIRS:
+                self._pairs.clear()
+            row = self.table(device, dtype)[:, timestep:timestep + 1].expand(2, batch).contiguous()
+            pair = self._pairs[key] = (row[0], row[1], self.valid[timestep])
+        return pair
+
+    def _per_sample(self, timestep: Tensor, batch: int, device, dtype) -> tuple[Tensor, Tensor, bool]:
+        t = timestep.reshape(-1)
+        if t.numel() not in (1, batch):
+            raise ValueError(f"timestep must be one value or {batch} (one per sample), got shape {tuple(timestep.shape)}")
+        t = t.to(device=device, dtype=torch.long)
+        if t.device.type == "cpu":
+            values = t.tolist()
+            for value in values:
+                self.check_timestep(value)
+            checked = all(self.valid[v] for v in values)
+        else:  # an out-of-range index is a device-side assert: no host synchronisation
+            checked = all(self.valid)
+        rows = self.table(device, dtype).index_select(1, t)
+        if rows.shape[1] != batch:
+            rows = rows.expand(2, batch).contiguous()
+        return rows[0], rows[1], checked
+
+
+# scheduler -> its tables; entries die with their scheduler.
+_scheduler_tables: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _tables_of(scheduler) -> _SchedulerTables:
+    """The scheduler's tables, rebuilt when set_timesteps, the config or the alphas tensors change.
+    (Changing alphas_cumprod in place is not noticed: assign a new tensor.)"""
+    key = (getattr(scheduler, "num_inference_steps", None), id(getattr(scheduler, "config", None)),
+           id(getattr(scheduler, "alphas_cumprod", None)), id(getattr(scheduler, "final_alpha_cumprod", None)))
+    try:
+        tables = _scheduler_tables.get(scheduler)
+    except TypeError:  # not weak-referenceable or not hashable: no cache
+        return _SchedulerTables(scheduler, key)
+    if tables is None or tables.key != key:
+        tables = _SchedulerTables(scheduler, key)
+        # The ids in the key stay unique while the entry keeps the objects alive.
+        tables.keep = (scheduler.config, scheduler.alphas_cumprod, scheduler.final_alpha_cumprod)
+        _scheduler_tables[scheduler] = tables
+    return tables
+
+
 def scheduler_alphas(scheduler, timestep, batch_size: int, device) -> tuple[Tensor, Tensor]:
     """(alpha_prod_t, alpha_prod_t_prev), (B,) float32 on `device`, for a DDIMScheduler step at
     `timestep` (an int, a 0-d tensor or one per sample).
@@ -641,30 +878,8 @@ def scheduler_alphas(scheduler, timestep, batch_size: int, device) -> tuple[Tens
     and final_alpha_cumprod when prev < 0. (ddpo-pytorch and trl clamp prev to >= 0 first, which
     differs from diffusers only when set_alpha_to_one=True.)
     """
-    _check_scheduler(scheduler)
-    device = torch.device(device)
-    num_train = scheduler.config.num_train_timesteps
-    stride = num_train // scheduler.num_inference_steps
-    final = float(scheduler.final_alpha_cumprod)
-    if isinstance(timestep, Tensor):
-        t = timestep.to(device=device, dtype=torch.long).reshape(-1)
-        if t.numel() not in (1, batch_size):
-            raise ValueError(f"timestep must be one value or {batch_size} (one per sample), got shape {tuple(timestep.shape)}")
-        if t.device.type == "cpu" and not bool(((t >= 0) & (t < num_train)).all()):
-            raise ValueError(f"timestep must lie in [0, {num_train}), got {t.tolist()}")
-        alphas = _alphas_cumprod_on(scheduler, device)
-        prev = t - stride
-        alpha_t = alphas[t].expand(batch_size)
-        alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], torch.full_like(alpha_t[:1], final))
-        return alpha_t.contiguous(), alpha_prev.expand(batch_size).contiguous()
-    if isinstance(timestep, bool) or not isinstance(timestep, int):
-        raise TypeError(f"timestep must be an int or a tensor, got {type(timestep).__name__}")
-    if not 0 <= timestep < num_train:
-        raise ValueError(f"timestep must lie in [0, {num_train}), got {timestep}")
-    alpha_t = float(scheduler.alphas_cumprod[timestep])
-    prev = timestep - stride
-    alpha_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else final
-    return (torch.full((batch_size,), alpha_t, device=device), torch.full((batch_size,), alpha_prev, device=device))
+    alpha_t, alpha_prev, _ = _tables_of(scheduler).alphas(timestep, batch_size, torch.device(device), torch.float32)
+    return alpha_t.clone(), alpha_prev.clone()
 
 
 def _randn_like_diffusers(shape, generator, device, dtype) -> Tensor:
@@ -677,6 +892,68 @@ def _randn_like_diffusers(shape, generator, device, dtype) -> Tensor:
         return torch.cat(parts)
     draw_device = generator.device if generator.device.type == "cpu" else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+# The CPU sampling step with a generator overlaps the noise draw with the kernel (_C.NoiseStream):
+# the calling thread fills the noise piece by piece with the generator while the kernel computes
+# the samples whose noise is ready on a helper thread. Pieces are multiples of 16 elements, the
+# blocks in which torch's CPU normal_ transforms its uniforms, so the numbers are those of one
+# torch.randn of the whole shape. Below _STREAM_MIN_ELEMENTS a plain draw then the kernel is cheaper.
+_STREAM_PIECE_ELEMENTS = 1 << 16
+_STREAM_MIN_ELEMENTS = 1 << 17
+
+
+def _noise_pieces(generator, noise: Tensor, whole: bool = False):
+    """(generator, view of noise, elements filled once it is) in fill order, as diffusers draws;
+    with `whole`, a single generator fills all of it in one piece."""
+    batch, numel = noise.shape[0], noise[0].numel()
+    if isinstance(generator, (list, tuple)):  # one draw of shape (1, ...) per sample
+        return [(g, noise[b:b + 1], (b + 1) * numel) for b, g in enumerate(generator)]
+    flat, total = noise.view(-1), noise.numel()
+    if whole:
+        return [(generator, noise, total)]
+    piece = _STREAM_PIECE_ELEMENTS
+    ends = list(range(piece, total - piece + 1, piece))[:-1] if total >= 2 * piece else []
+    ends.append(total)  # the last piece holds the remainder: >= 16 elements, as torch needs
+    starts = [0] + ends[:-1]
+    return [(generator, flat[a:b], b) for a, b in zip(starts, ends)]
+
+
+def _cpu_generators(generator, batch: int) -> bool:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"generator is a list of {len(generator)} generators but the batch has {batch} samples")
+        return all(isinstance(g, torch.Generator) and g.device.type == "cpu" for g in generator)
+    return isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+
+
+def _sample_with_generator_cpu(model_output, sample, alpha_t, alpha_prev, generator, policy) -> DdimStepOutput:
+    """The CPU sampling step with diffusers' noise: x_{t-1} written over the noise it was made from
+    (when their dtypes agree), the draw overlapped with the kernel."""
+    batch, rows = sample.shape[0], model_output.shape[0]
+    prev = torch.empty(sample.shape, dtype=sample.dtype)
+    noise = prev if model_output.dtype == sample.dtype else torch.empty(sample.shape, dtype=model_output.dtype)
+    call = DdimCall(
+        model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t, alpha_prev=alpha_prev,
+        prev_sample=_flat(prev, batch), log_prob=torch.empty(batch, dtype=alpha_t.dtype), sample_noise=True,
+        noise=_flat(noise, batch), **policy)
+    if noise.numel() < _STREAM_MIN_ELEMENTS or torch.get_num_threads() < 2:  # the draw, then the kernel
+        for g, view, _ in _noise_pieces(generator, noise, whole=True):
+            view.normal_(generator=g)
+        runner("cpu").forward(call)
+        return DdimStepOutput(prev, call.log_prob)
+    pieces = _noise_pieces(generator, noise)
+    stream = _C.NoiseStream(core_args(call))
+    try:
+        for g, view, ready in pieces:
+            view.normal_(generator=g)
+            stream.publish(ready)
+    except BaseException:
+        stream.cancel()
+        stream.finish()
+        raise
+    stream.finish()
+    return DdimStepOutput(prev, call.log_prob)
 
 
 def ddim_step_with_logprob(
@@ -703,20 +980,39 @@ def ddim_step_with_logprob(
     fused. Without `generator` the noise comes from the in-kernel Philox stream seeded from torch's
     CPU generator; with one, it is drawn as diffusers draws it. Non-contiguous inputs are copied.
     """
-    _check_scheduler(scheduler)
+    tables = _tables_of(scheduler)
     if prev_sample is not None and generator is not None:
         raise ValueError("give either prev_sample or generator, not both: nothing is sampled when prev_sample is given")
     _check_tensor("sample", sample, contiguous=False)
     _check_tensor("model_output", model_output, contiguous=False)
-    config = scheduler.config
-    alpha_t, alpha_prev = scheduler_alphas(scheduler, timestep, sample.shape[0], sample.device)
+    model_output, sample = model_output.contiguous(), sample.contiguous()
+    eta, guidance_scale, prediction_type, clip_sample_range = _check_policy(
+        eta, guidance_scale, tables.prediction_type, tables.clip_sample_range)
+    batch, _ = _check_latents(model_output, sample, guidance_scale)
+    if prev_sample is not None:
+        _check_tensor("prev_sample", prev_sample, contiguous=False)
+        if prev_sample.shape != sample.shape:
+            raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
+        _check_same_device("sample", sample, prev_sample=prev_sample)
+        prev_sample = prev_sample.contiguous()
+    _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample)
+    _reject_grad("ddim_step_with_logprob", sample=sample)
+    dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    alpha_t, alpha_prev, checked = tables.alphas(timestep, batch, sample.device, dtype)
+    if not checked:
+        _check_alpha_values(alpha_t, alpha_prev)
+    backend = resolve_backend(sample.device)
+    policy = dict(eta=eta, guidance_scale=guidance_scale, clip_sample_range=clip_sample_range,
+                  use_clipped_model_output=use_clipped_model_output)
     noise = None
     if prev_sample is None and generator is not None:
+        if (backend == "cpu" and not torch.compiler.is_compiling() and _cpu_generators(generator, batch)
+                and not (torch.is_grad_enabled() and model_output.requires_grad)):
+            policy["prediction"] = PREDICTION_CODES[prediction_type]
+            return _sample_with_generator_cpu(model_output, sample, alpha_t, alpha_prev, generator, policy)
         noise = _randn_like_diffusers(sample.shape, generator, sample.device, model_output.dtype)
-    return ddim_step_logprob(
-        model_output.contiguous(), sample.contiguous(), alpha_t, alpha_prev, eta=eta, noise=noise,
-        prev_sample=None if prev_sample is None else prev_sample.contiguous(), guidance_scale=guidance_scale,
-        prediction_type=config.prediction_type,
-        clip_sample_range=config.clip_sample_range if config.clip_sample else None,
-        use_clipped_model_output=use_clipped_model_output,
-    )
+    seed = None
+    if prev_sample is None and noise is None:
+        seed = int(torch.randint(0, _MAX_INT64, (), dtype=torch.int64))
+    return _dispatch_step(model_output, sample, alpha_t, alpha_prev, prev_sample, noise, seed, 0, sample.dtype,
+                          prediction_type, policy, backend)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "build", "test", "sanitize", "graph", "kernelbw", "e2e"]
+STEPS = ["env", "build", "test", "sanitize", "graph", "kernelbw", "dropin", "e2e"]
 FAMILY_TESTS = ("test_sampling_step", "test_gradients", "test_ddim_ppo_loss")
 MECHANICS = ("test_cuda_graph_capture", "test_no_host_sync", "test_side_stream", "test_second_device",
              "test_misaligned_pointers", "test_deterministic", "test_launcher_rejects_bad_arguments",

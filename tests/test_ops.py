@@ -574,6 +574,111 @@ def test_drop_in_fused_cfg_equals_guidance_outside(cpu_backend):
     assert rel_err(fused.log_prob, outside.log_prob) < 1e-6
 
 
+
+@pytest.mark.parametrize("generators", ["one", "per_sample"])
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_in_generator_noise_is_diffusers_draw(cpu_backend, monkeypatch, generators, streamed, dtype):
+    """With a generator the CPU step draws its noise piece by piece while the kernel runs
+    (_C.NoiseStream); the numbers, the results and the generator's state afterwards are those of one
+    torch.randn of the whole shape (per sample for a list of generators), as diffusers draws."""
+    streams = []
+    if streamed:  # small pieces on an odd shape: pieces end inside samples and inside kernel chunks
+        monkeypatch.setattr(ops, "_STREAM_PIECE_ELEMENTS", 48)
+        monkeypatch.setattr(ops, "_STREAM_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # a helper thread beside the caller
+        real = _C.NoiseStream
+        monkeypatch.setattr(_C, "NoiseStream", lambda args: streams.append(args) or real(args))
+    batch, shape = 3, (4, 17, 23)
+    scheduler = make_scheduler()
+    model_output, sample, _ = make_inputs(batch, shape, torch.float32, cfg=True)
+    model_output = model_output.to(dtype)  # the noise is drawn in model_output's dtype
+    t = scheduler.timesteps[6]
+
+    def make_generator():
+        if generators == "one":
+            return torch.Generator().manual_seed(7)
+        return [torch.Generator().manual_seed(7 + b) for b in range(batch)]
+
+    ours_generator, their_generator = make_generator(), make_generator()
+    ours = ops.ddim_step_with_logprob(scheduler, model_output, t, sample, generator=ours_generator, guidance_scale=3.0)
+    noise = ops._randn_like_diffusers(sample.shape, their_generator, sample.device, dtype)
+    a, p = ops.scheduler_alphas(scheduler, t, batch, "cpu")
+    expected = ops.ddim_step_logprob(model_output, sample, a, p, noise=noise, guidance_scale=3.0)
+    assert torch.equal(ours.prev_sample, expected.prev_sample)
+    assert torch.equal(ours.log_prob, expected.log_prob)
+    assert len(streams) == int(streamed)
+    for g_ours, g_theirs in zip(*(g if isinstance(g, list) else [g] for g in (ours_generator, their_generator))):
+        assert torch.equal(torch.randn(5, generator=g_ours), torch.randn(5, generator=g_theirs))
+
+
+def test_noise_stream_failure_mid_draw_cancels_cleanly(cpu_backend, monkeypatch):
+    """A draw that fails half way cancels the running kernel (no dangling helper thread); the next
+    step works."""
+    monkeypatch.setattr(ops, "_STREAM_PIECE_ELEMENTS", 1024)
+    monkeypatch.setattr(ops, "_STREAM_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    pieces = ops._noise_pieces
+
+    def failing_pieces(generator, noise):
+        good = pieces(generator, noise)
+        return good[:2] + [(object(), good[2][1], good[2][2])] + good[3:]  # not a generator: normal_ raises
+
+    scheduler = make_scheduler()
+    model_output, sample, _ = make_inputs(3, (4, 17, 23), torch.float32, cfg=False)
+    monkeypatch.setattr(ops, "_noise_pieces", failing_pieces)
+    with pytest.raises(TypeError):
+        ops.ddim_step_with_logprob(scheduler, model_output, 501, sample, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ops, "_noise_pieces", pieces)
+    prev, log_prob = ops.ddim_step_with_logprob(scheduler, model_output, 501, sample,
+                                                generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(prev).all() and torch.isfinite(log_prob).all()
+
+
+@pytest.mark.parametrize("cfg,clip", [(None, None), (3.0, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_prob_gradient_from_the_forward_direction(cpu_isa, cfg, clip, dtype):
+    """The log-probability of a given prev_sample writes d log_prob / d m in its forward pass on
+    CPU, and its backward only scales it: the gradient matches the float64 reference and the
+    separate backward kernel that re-reads the inputs."""
+    batch, shape = 3, (4, 17, 23)
+    model_output, sample, noise = make_inputs(batch, shape, dtype, cfg is not None)
+    a, p = random_alphas(batch)
+    policy = dict(guidance_scale=cfg, clip_sample_range=clip, prediction_type="v_prediction",
+                  use_clipped_model_output=clip is not None)
+    prev, _ = ops.ddim_step_logprob(model_output, sample, a, p, noise=noise, **policy)
+    weights = torch.randn(batch)
+    m = model_output.clone().requires_grad_()
+    log_prob = ops.ddim_step_logprob(m, sample, a, p, prev_sample=prev, **policy).log_prob
+    (log_prob * weights).sum().backward()
+    m_ref = model_output.double().requires_grad_()
+    ref = reference.ddim_step(m_ref, sample.double(), a.double(), p.double(), prev_sample=prev.double(), **policy)
+    (ref[1] * weights.double()).sum().backward()
+    codes = (1.0, cfg, 2, clip, clip is not None)
+    two_pass = torch.ops.ddpo_fast.ddim_step_backward(None, weights, model_output, sample, prev, a, p, *codes)
+    assert m.grad.abs().max() > 0
+    tolerance = 1e-5 if dtype == torch.float32 else 2 * ulp(dtype)
+    assert rel_err(m.grad, m_ref.grad) < tolerance
+    assert rel_err(m.grad, two_pass) < tolerance
+
+
+def test_drop_in_follows_set_timesteps_and_keeps_its_tables(cpu_backend):
+    """The scheduler's alpha tables are cached per scheduler: a later set_timesteps rebuilds them,
+    and scheduler_alphas hands out copies, never the cached tensors."""
+    scheduler = make_scheduler(num_steps=20)
+    model_output, sample, _ = make_inputs(2, (4, 5, 6), torch.float32, cfg=False)
+    drawn = torch.randn(sample.shape, generator=torch.Generator().manual_seed(3))
+    for steps in (20, 50):
+        scheduler.set_timesteps(steps)
+        t = scheduler.timesteps[-1]
+        expected = scheduler.step(model_output, t, sample, eta=1.0, variance_noise=drawn).prev_sample
+        ours = ops.ddim_step_with_logprob(scheduler, model_output, t, sample, generator=torch.Generator().manual_seed(3))
+        assert rel_err(ours.prev_sample, expected) < 1e-5
+    a, _ = ops.scheduler_alphas(scheduler, 101, 2, "cpu")
+    a.fill_(0.5)
+    assert ops.scheduler_alphas(scheduler, 101, 2, "cpu")[0][0] == scheduler.alphas_cumprod[101]
+
+
 # ---- Bad input --------------------------------------------------------------------------------------
 
 
@@ -720,3 +825,16 @@ def test_core_rejects_null_pointers_instead_of_crashing():
         _C.ddim_backward_cpu(args)
     with pytest.raises(ValueError, match="instruction set"):
         _C.set_cpu_isa("sse9")
+    # The forward-pass gradient direction belongs to the log-probability of a given prev_sample.
+    model_output, sample, a, p, noise = _good()
+    direction, log_prob = torch.empty(2, 120), torch.empty(2)
+    args = _C.DdimArgs()
+    args.batch, args.numel = 2, 120
+    args.model_output, args.sample, args.prev_sample = model_output.data_ptr(), sample.data_ptr(), noise.data_ptr()
+    args.alpha_t, args.alpha_prev, args.log_prob = a.data_ptr(), p.data_ptr(), log_prob.data_ptr()
+    args.grad_direction, args.sample_noise = direction.data_ptr(), True
+    with pytest.raises(ValueError, match="grad_direction"):
+        _C.ddim_forward_cpu(args)
+    args.grad_direction = 0  # a sampling step without a noise tensor has nothing to stream
+    with pytest.raises(ValueError, match="NoiseStream"):
+        _C.NoiseStream(args)

@@ -1,11 +1,19 @@
 // CPU entry points: validation, the choice of instruction-set variant, and the PPO stage.
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cpu/cpu_isa.h"
 #include "cpu/kernels.h"
+#include "cpu/noise_stream.h"
 #include "ddim_math.h"
 
 namespace ddpo {
@@ -16,6 +24,8 @@ struct CpuIsa {
   bool (*supported)();
   void (*forward)(const DdimArgs&);
   void (*backward)(const DdimArgs&);
+  double (*forward_item)(const DdimArgs&, int64_t);
+  void (*finish_forward)(const DdimArgs&, const double*);
 };
 
 bool always() { return true; }
@@ -33,10 +43,10 @@ bool has_avx512() {
 const std::vector<CpuIsa>& all_isas() {
   static const std::vector<CpuIsa> isas = {
 #if defined(DDPO_X86_ISAS)
-      {"avx512", has_avx512, avx512::forward, avx512::backward},
-      {"avx2", has_avx2, avx2::forward, avx2::backward},
+      {"avx512", has_avx512, avx512::forward, avx512::backward, avx512::forward_item, avx512::finish_forward},
+      {"avx2", has_avx2, avx2::forward, avx2::backward, avx2::forward_item, avx2::finish_forward},
 #endif
-      {"baseline", always, baseline::forward, baseline::backward},
+      {"baseline", always, baseline::forward, baseline::backward, baseline::forward_item, baseline::finish_forward},
   };
   return isas;
 }
@@ -112,6 +122,130 @@ void ddim_backward_cpu(const DdimArgs& args) {
 void ppo_forward_cpu(const DdimArgs& args) {
   validate_ppo_args(args);
   run_ppo_stage(args);
+}
+
+// ---- NoiseStream: a sampling step that runs while its noise tensor is being filled ---------------
+
+namespace {
+
+// One persistent helper thread that runs one job at a time. After fork() the parent's thread does
+// not exist in the child: a stale helper is abandoned (never joined) and a new one is made.
+class Helper {
+ public:
+  Helper() : thread_([this] { loop(); }) {}
+
+  void start(std::function<void()> job) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    job_ = std::move(job);
+    busy_ = true;
+    wake_.notify_one();
+  }
+
+  void wait_idle() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    idle_.wait(lock, [this] { return !busy_; });
+  }
+
+ private:
+  void loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return bool(job_); });
+      auto job = std::move(job_);
+      job_ = nullptr;
+      lock.unlock();
+      job();
+      lock.lock();
+      busy_ = false;
+      idle_.notify_all();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, idle_;
+  std::function<void()> job_;
+  bool busy_ = false;
+  std::thread thread_;  // last: starts after the members it uses exist
+};
+
+std::mutex g_helper_mutex;  // one stream at a time uses the helper
+Helper* g_helper = nullptr;
+pid_t g_helper_pid = 0;
+
+Helper& helper() {
+  if (g_helper == nullptr || g_helper_pid != getpid()) {
+    g_helper = new Helper();  // a previous one (of the parent process) is leaked on purpose
+    g_helper_pid = getpid();
+  }
+  return *g_helper;
+}
+
+}  // namespace
+
+NoiseStream::NoiseStream(const DdimArgs& args)
+    : args_(args), forward_item_(nullptr), finish_forward_(nullptr), items_(0), ready_(0), total_(0), cancelled_(false), finished_(false) {
+  validate_args(args_, /*backward=*/false);
+  if (!args_.sample_noise || args_.noise == 0 || args_.old_log_prob != 0) {
+    throw std::invalid_argument("NoiseStream needs a sampling step with a noise tensor and no PPO stage");
+  }
+  forward_item_ = active_isa()->forward_item;
+  finish_forward_ = active_isa()->finish_forward;
+  items_ = args_.batch * chunks_per_sample(args_.numel);
+  total_ = args_.batch * args_.numel;
+  partial_.assign(size_t(items_), 0.0);
+  // Another stream (another Python thread) holds the helper: this one then runs in finish() alone.
+  call_lock_ = std::unique_lock<std::mutex>(g_helper_mutex, std::try_to_lock);
+  if (call_lock_.owns_lock()) helper().start([this] { drain(); });
+}
+
+NoiseStream::~NoiseStream() {
+  if (!finished_) {
+    cancel();
+    try {
+      finish();
+    } catch (...) {
+    }
+  }
+}
+
+void NoiseStream::publish(int64_t ready_elements) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ready_ = std::max(ready_, std::min(ready_elements, total_));
+  more_.notify_all();
+}
+
+void NoiseStream::cancel() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  cancelled_ = true;
+  ready_ = total_;
+  more_.notify_all();
+}
+
+// Claims items in order; item (b, c) reads noise elements up to b * numel + its chunk's end.
+void NoiseStream::drain() {
+  const int64_t chunks = chunks_per_sample(args_.numel);
+  for (int64_t item = next_.fetch_add(1); item < items_; item = next_.fetch_add(1)) {
+    const int64_t b = item / chunks;
+    const int64_t needed = b * args_.numel + std::min(args_.numel, (item % chunks + 1) * kChunk);
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      more_.wait(lock, [&] { return ready_ >= needed; });
+      if (cancelled_) return;
+    }
+    partial_[size_t(item)] = forward_item_(args_, item);
+  }
+}
+
+void NoiseStream::finish() {
+  if (finished_) return;
+  publish(total_);
+  drain();  // the caller takes the remaining items
+  if (call_lock_.owns_lock()) {
+    helper().wait_idle();
+    call_lock_.unlock();
+  }
+  finished_ = true;
+  if (!cancelled_) finish_forward_(args_, partial_.data());
 }
 
 std::string cpu_isa() { return active_isa()->name; }

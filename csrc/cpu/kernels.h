@@ -9,6 +9,8 @@ namespace ddpo {
   namespace isa {                              \
   void forward(const DdimArgs& args);          \
   void backward(const DdimArgs& args);         \
+  double forward_item(const DdimArgs& args, int64_t item);                   \
+  void finish_forward(const DdimArgs& args, const double* partial);          \
   }
 
 DDPO_DECLARE_CPU_KERNELS(baseline)
