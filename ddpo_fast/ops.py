@@ -720,3 +720,6 @@ def ddim_step_with_logprob(
         clip_sample_range=config.clip_sample_range if config.clip_sample else None,
         use_clipped_model_output=use_clipped_model_output,
     )
+
+# The flow-matching SDE step (Flow-GRPO), in its own module; re-exported here as the public ops.
+from ddpo_fast.flow_ops import flow_sde_ppo_loss, flow_sde_step_logprob, flow_sde_step_with_logprob  # noqa: E402,F401
