@@ -3,8 +3,8 @@
 //   mean = cx x + cm v,   x' = mean + noise_scale z,
 //   log_prob = lp_scale * mean over elements of (x' - mean)^2 + lp_shift.
 #pragma once
+#include "flow_core.h"  // first: ddim_math.h uses ddim_core.h's enums
 #include "ddim_math.h"
-#include "flow_core.h"
 
 namespace ddpo {
 
