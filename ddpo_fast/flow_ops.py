@@ -120,32 +120,18 @@ def _cuda_args(call: FlowCall):
     return a
 
 
-def _forward(call: FlowCall) -> None:
+def _dispatch(call: FlowCall, direction: str) -> None:
+    """Runs the `direction` ("forward" or "backward") kernels of the backend for call's device."""
     backend = resolve_backend(call.sample.device)
     if backend == "cpu":
         _C.set_num_threads(torch.get_num_threads())
-        _C.flow_forward_cpu(_core_args(call))
+        getattr(_C, f"flow_{direction}_cpu")(_core_args(call))
     elif backend == "cuda":
-        _C.flow_forward_cuda(_cuda_args(call))
+        getattr(_C, f"flow_{direction}_cuda")(_cuda_args(call))
     elif backend == "triton":
         from ddpo_fast.kernels import flow_sde
 
-        flow_sde.forward(call)
-    else:
-        raise ValueError(f"no compiled flow kernels for backend {backend!r}")
-
-
-def _backward(call: FlowCall) -> None:
-    backend = resolve_backend(call.sample.device)
-    if backend == "cpu":
-        _C.set_num_threads(torch.get_num_threads())
-        _C.flow_backward_cpu(_core_args(call))
-    elif backend == "cuda":
-        _C.flow_backward_cuda(_cuda_args(call))
-    elif backend == "triton":
-        from ddpo_fast.kernels import flow_sde
-
-        flow_sde.backward(call)
+        getattr(flow_sde, direction)(call)
     else:
         raise ValueError(f"no compiled flow kernels for backend {backend!r}")
 
@@ -165,7 +151,7 @@ def _run_forward(model_output, sample, sigma, sigma_prev, prev_sample, noise, se
         guidance_scale=guidance_scale, log_prob=sigma.new_empty(batch),
         prev_sample_mean=_flat(mean, batch) if with_mean else None, std_dev_t=sigma.new_empty(batch),
         sample_noise=sampling, noise=_flat(noise, batch), seed=seed, offset=offset, **ppo)
-    _forward(call)
+    _dispatch(call, "forward")
     return prev, call.log_prob, mean, call.std_dev_t
 
 
@@ -222,7 +208,7 @@ def _flow_backward_op(
         grad_prev_sample=None if grad_prev_sample is None else _flat(grad_prev_sample.contiguous(), batch),
         grad_prev_sample_mean=None if grad_prev_sample_mean is None else _flat(grad_prev_sample_mean.contiguous(), batch),
         grad_log_prob=grad_log_prob.to(sigma.dtype).contiguous(), grad_model_output=_flat(grad, rows))
-    _backward(call)
+    _dispatch(call, "backward")
     return grad
 
 
