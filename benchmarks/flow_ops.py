@@ -25,6 +25,7 @@ from results_csv import write_rows
 
 GUIDANCE = 4.5  # Flow-GRPO's SD3.5 default
 NOISE_LEVEL = 0.7
+SIGMA_MAX = 0.9601  # sigmas[1] of FlowMatchEulerDiscreteScheduler(shift=3) with 10 steps (SD3.5, Flow-GRPO)
 SIZES = [(1, (16, 64, 64)), (8, (16, 64, 64)), (24, (16, 64, 64)), (7, (16, 17, 23))]
 QUICK_SIZES = [(8, (16, 64, 64)), (7, (16, 17, 23))]
 
@@ -40,13 +41,13 @@ def make_inputs(batch, shape, device):
 
 def reference_step(model_output, sample, sigma, sigma_prev, noise):
     return flow_reference.flow_sde_step(model_output, sample, sigma, sigma_prev, noise_level=NOISE_LEVEL, noise=noise,
-                                        guidance_scale=GUIDANCE)
+                                        sigma_max=SIGMA_MAX, guidance_scale=GUIDANCE)
 
 
 def reference_loss(model_output, sample, prev_sample, sigma, sigma_prev, old_log_prob, advantages):
     loss, _ = flow_reference.flow_sde_ppo_loss(model_output, sample, prev_sample, sigma, sigma_prev, old_log_prob,
                                                advantages, clip_range=1e-4, adv_clip_max=5.0, noise_level=NOISE_LEVEL,
-                                               guidance_scale=GUIDANCE)
+                                               sigma_max=SIGMA_MAX, guidance_scale=GUIDANCE)
     return loss
 
 
@@ -62,7 +63,8 @@ def bench_step(batch, shape, device, backends):
         def fused(name=name):
             with use_backend(name):
                 return ops.flow_sde_step_logprob(model_output, sample, sigma, sigma_prev, noise_level=NOISE_LEVEL,
-                                                 seed=1, offset=2, guidance_scale=GUIDANCE)
+                                                 seed=1, offset=2, sigma_max=SIGMA_MAX,
+                                                 guidance_scale=GUIDANCE)
         candidates[name] = fused
     numel = sample.numel()
     return candidates, 4 * (2 * numel + numel + numel)  # read both CFG halves and x_t, write x'
@@ -87,7 +89,7 @@ def bench_loss(batch, shape, device, backends):
         def fused(name=name):
             with use_backend(name):
                 return ops.flow_sde_ppo_loss(leaf, *args, clip_range=1e-4, adv_clip_max=5.0, noise_level=NOISE_LEVEL,
-                                             guidance_scale=GUIDANCE)[0]
+                                             sigma_max=SIGMA_MAX, guidance_scale=GUIDANCE)[0]
         candidates[name] = run(fused)
     numel = sample.numel()
     # forward reads both halves, x_t, x'; backward reads them again and writes both halves' grads

@@ -47,7 +47,8 @@ struct FlowArgs {
   uintptr_t prev_sample_mean = 0;
   uintptr_t std_dev_t = 0;
 
-  // Optional PPO stage (run when old_log_prob != 0), as in DdimArgs.
+  // Optional PPO stage (run when old_log_prob != 0), as in DdimArgs. CPU only: with it, a forward
+  // call with grad_model_output set also writes d loss / d model_output (unit upstream gradient).
   uintptr_t old_log_prob = 0;
   uintptr_t advantages = 0;
   double ppo_clip_range = 1e-4;

@@ -266,43 +266,50 @@ _flow_log_prob_op.register_autograd(_backward_log_prob, setup_context=_setup_log
 def _flow_ppo_loss_op(
     model_output: Tensor, sample: Tensor, prev_sample: Tensor, sigma: Tensor, sigma_prev: Tensor,
     old_log_prob: Tensor, advantages: Tensor, noise_level: float, sde_type: int, sigma_max: float,
-    guidance_scale: Optional[float], clip_range: float, adv_clip_max: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Outputs: loss, log_prob, approx_kl, clipfrac, dloss_dlogp."""
-    batch = sample.shape[0]
+    guidance_scale: Optional[float], clip_range: float, adv_clip_max: float, with_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Outputs: loss, log_prob, approx_kl, clipfrac, dloss_dlogp, and with `with_grad` (CPU backend)
+    d loss / d model_output for a unit upstream gradient, made in the same pass (else empty)."""
+    batch, rows = sample.shape[0], model_output.shape[0]
     stats = {name: sigma.new_empty(()) for name in ("loss", "approx_kl", "clipfrac")}
     dloss_dlogp = sigma.new_empty(batch)
+    grad = torch.empty_like(model_output) if with_grad else model_output.new_empty(0)
     _, log_prob, _, _ = _run_forward(
         model_output, sample, sigma, sigma_prev, prev_sample, None, 0, 0, noise_level, sde_type, sigma_max,
         guidance_scale, prev_sample.dtype, False, old_log_prob=old_log_prob, advantages=advantages,
-        ppo_clip_range=clip_range, adv_clip_max=adv_clip_max, dloss_dlogp=dloss_dlogp, **stats)
-    return stats["loss"], log_prob, stats["approx_kl"], stats["clipfrac"], dloss_dlogp
+        ppo_clip_range=clip_range, adv_clip_max=adv_clip_max, dloss_dlogp=dloss_dlogp,
+        grad_model_output=_flat(grad, rows) if with_grad else None, **stats)
+    return stats["loss"], log_prob, stats["approx_kl"], stats["clipfrac"], dloss_dlogp, grad
 
 
 @_flow_ppo_loss_op.register_fake
 def _(model_output, sample, prev_sample, sigma, sigma_prev, old_log_prob, advantages, noise_level, sde_type,
-      sigma_max, guidance_scale, clip_range, adv_clip_max):
+      sigma_max, guidance_scale, clip_range, adv_clip_max, with_grad):
     batch = sample.shape[0]
+    grad = torch.empty_like(model_output) if with_grad else model_output.new_empty(0)
     return (sigma.new_empty(()), sigma.new_empty(batch), sigma.new_empty(()), sigma.new_empty(()),
-            sigma.new_empty(batch))
+            sigma.new_empty(batch), grad)
 
 
 def _setup_ppo(ctx, inputs, output):
     args = dict(zip(("model_output", "sample", "prev_sample", "sigma", "sigma_prev", "old_log_prob", "advantages",
-                     *_POLICY, "clip_range", "adv_clip_max"), inputs))
+                     *_POLICY, "clip_range", "adv_clip_max", "with_grad"), inputs))
     ctx.save_for_backward(args["model_output"], args["sample"], args["prev_sample"], args["sigma"],
-                          args["sigma_prev"], output[4])
+                          args["sigma_prev"], output[4], output[5])
     ctx.policy = {n: args[n] for n in _POLICY}
     ctx.set_materialize_grads(False)
 
 
 def _backward_ppo(ctx, grad_loss, *_unused_stat_grads):
     if grad_loss is None:  # only the statistics were used
-        return (None,) * 13
-    model_output, sample, prev_sample, sigma, sigma_prev, dloss_dlogp = ctx.saved_tensors
+        return (None,) * 14
+    model_output, sample, prev_sample, sigma, sigma_prev, dloss_dlogp, unit_grad = ctx.saved_tensors
+    if unit_grad.numel():  # made in the forward pass (CPU); scaled unless the upstream gradient is 1
+        unit = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.item() == 1.0
+        return (unit_grad if unit else unit_grad * grad_loss,) + (None,) * 13
     grad = _flow_backward_op(None, None, dloss_dlogp * grad_loss, model_output, sample, prev_sample, sigma,
                              sigma_prev, **ctx.policy)
-    return (grad,) + (None,) * 12
+    return (grad,) + (None,) * 13
 
 
 _flow_ppo_loss_op.register_autograd(_backward_ppo, setup_context=_setup_ppo)
@@ -486,10 +493,15 @@ def flow_sde_ppo_loss(
             model_output, sample, prev_sample, sigma_t, sigma_p, old_log_prob, advantages, clip_range=clip_range,
             adv_clip_max=adv_clip_max, noise_level=noise_level, sde_type=sde_type, sigma_max=sigma_max,
             guidance_scale=guidance_scale)
-    loss, log_prob, approx_kl, clipfrac, _ = _flow_ppo_loss_op(
+    # On CPU the forward pass also makes the gradient while the data is in cache (eager only: a
+    # traced graph keeps the separate backward kernel).
+    with_grad = (resolve_backend(sample.device) == "cpu" and not torch.compiler.is_compiling()
+                 and torch.is_grad_enabled() and model_output.requires_grad)
+    loss, log_prob, approx_kl, clipfrac, _, _ = _flow_ppo_loss_op(
         model_output, sample, prev_sample, sigma_t, sigma_p, old_log_prob.to(dtype).contiguous(),
         advantages.to(dtype).contiguous(), noise_level=noise_level, sde_type=_SDE_CODES[sde_type],
-        sigma_max=sigma_max or 0.0, guidance_scale=guidance_scale, clip_range=clip_range, adv_clip_max=adv_clip_max)
+        sigma_max=sigma_max or 0.0, guidance_scale=guidance_scale, clip_range=clip_range, adv_clip_max=adv_clip_max,
+        with_grad=with_grad)
     return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach(), "log_prob": log_prob.detach()}
 
 

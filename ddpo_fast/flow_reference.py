@@ -10,7 +10,8 @@ sde (Flow-GRPO's SDE, arXiv 2505.05470 eq. 9):
     mean     = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
     x'       = mean + std_t sqrt(-dt) z
     log_prob = mean over the non-batch dims of log N(x'; mean, (std_t sqrt(-dt))^2)
-    (sigma_max is sigmas[1] of the scheduler: the first step, sigma == 1, would divide by zero.)
+    (sigma_max is sigmas[1] of the scheduler: the first step, sigma == 1, would divide by zero;
+    without it such a step is NaN here, and the public ops refuse it.)
 
 cps (coefficients-preserving sampling, as flow_grpo implements it):
     std_t    = sigma' sin(eta pi / 2)
@@ -39,10 +40,10 @@ def flow_sde_std(sigma: torch.Tensor, sigma_prev: torch.Tensor, noise_level: flo
                  sigma_max: float | None = None) -> torch.Tensor:
     """std_dev_t of the step, one per sample (the shape of sigma)."""
     if sde_type == "sde":
-        at_one = sigma == 1
-        if bool(at_one.any()) and sigma_max is None:
-            raise ValueError("sigma_max is needed where sigma == 1 (sde_type='sde')")
-        denominator = torch.where(at_one, torch.full_like(sigma, sigma_max if sigma_max is not None else 0.0), sigma)
+        # No host branch here (it would break torch.compile graphs): without sigma_max a step at
+        # sigma == 1 is NaN; the public ops refuse it before they get here.
+        replacement = torch.full_like(sigma, math.nan if sigma_max is None else sigma_max)
+        denominator = torch.where(sigma == 1, replacement, sigma)
         return torch.sqrt(sigma / (1 - denominator)) * noise_level
     if sde_type == "cps":
         return sigma_prev * math.sin(noise_level * math.pi / 2)

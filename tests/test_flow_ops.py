@@ -284,6 +284,31 @@ def test_ppo_loss_matches_reference(cpu_isa, sde_type, batch, cfg, dtype):
     assert rel_err(m.grad, m_ref.grad) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_loss_gradient_equals_the_two_pass_one(cpu_isa, sde_type, dtype):
+    """The CPU forward that also makes the gradient (eager training) gives the bits of the separate
+    backward kernel (what a traced graph runs)."""
+    batch, shape = 3, SHAPES[0]
+    model_output, sample, noise = make_inputs(batch, shape, dtype, cfg=True)
+    s, sp = sigmas(batch)
+    kwargs = dict(sigma_max=SIGMA_MAX, sde_type=sde_type, guidance_scale=3.0)
+    prev = ops.flow_sde_step_logprob(model_output, sample, s, sp, noise=noise, **kwargs).prev_sample
+    old = fref.flow_sde_step(model_output, sample, s, sp, prev_sample=prev, **kwargs)[1] + 1e-5
+    args = (sample, prev, s, sp, old, torch.tensor([1.0, -3.0, 0.5]))
+    ppo = dict(clip_range=1e-4, adv_clip_max=5.0, **kwargs)
+    m_one = model_output.clone().requires_grad_()
+    loss_one, _ = ops.flow_sde_ppo_loss(m_one, *args, **ppo)
+    (0.5 * loss_one).backward()
+    from ddpo_fast import flow_ops
+    m_two = model_output.clone().requires_grad_()
+    loss_two, _, _, _, _, _ = flow_ops._flow_ppo_loss_op(
+        m_two, *args[:4], args[4].float(), args[5], 0.7, {"sde": 0, "cps": 1}[sde_type], SIGMA_MAX, 3.0, 1e-4, 5.0,
+        False)
+    (0.5 * loss_two).backward()
+    assert torch.equal(loss_one, loss_two) and torch.equal(m_one.grad, m_two.grad)
+
+
 # ---- torch.library registration, torch.compile ---------------------------------------------------
 
 
@@ -298,16 +323,18 @@ def _op_samples():
         "flow_sde_step": (m, sample, s, sp, noise, 0, 0, 0.7, 0, SIGMA_MAX, 2.0, torch.float32, True),
         "flow_sde_step_philox_bf16": (m, sample, s, sp, None, 3, 1, 0.7, 1, 0.0, 2.0, torch.bfloat16, False),
         "flow_sde_log_prob": (m, sample, prev, s, sp, 0.7, 0, SIGMA_MAX, 2.0, True),
-        "flow_sde_ppo_loss": (m, sample, prev, s, sp, old, torch.randn(batch), 0.7, 1, 0.0, 2.0, 0.01, 5.0),
+        "flow_sde_ppo_loss": (m, sample, prev, s, sp, old, torch.randn(batch), 0.7, 1, 0.0, 2.0, 0.01, 5.0, False),
+        "flow_sde_ppo_loss_with_grad": (m, sample, prev, s, sp, old, torch.randn(batch), 0.7, 0, SIGMA_MAX, 2.0,
+                                        0.01, 5.0, True),
         "flow_sde_backward": (torch.randn(sample.shape), None, torch.randn(batch), model_output, sample, prev, s, sp,
                               0.7, 0, SIGMA_MAX, 2.0),
     }
 
 
 @pytest.mark.parametrize("name", ["flow_sde_step", "flow_sde_step_philox_bf16", "flow_sde_log_prob",
-                                  "flow_sde_ppo_loss", "flow_sde_backward"])
+                                  "flow_sde_ppo_loss", "flow_sde_ppo_loss_with_grad", "flow_sde_backward"])
 def test_opcheck(cpu_backend, name):
-    op = getattr(torch.ops.ddpo_fast, name.removesuffix("_philox_bf16")).default
+    op = getattr(torch.ops.ddpo_fast, name.removesuffix("_philox_bf16").removesuffix("_with_grad")).default
     torch.library.opcheck(op, _op_samples()[name])
 
 

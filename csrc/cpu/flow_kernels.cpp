@@ -195,6 +195,38 @@ void forward_impl(const FlowArgs& a) {
   }
 }
 
+// The PPO loss and its gradient in one pass over the data, one sample per work item: the sample's
+// rows are read once to reduce its log-prob, d loss / d log_prob of that sample follows (the PPO
+// term alone), and the gradient pass re-reads the rows from cache. Writes grad_model_output for a
+// unit upstream gradient; the same sums in the same order as forward_impl + backward_impl.
+template <typename T>
+void forward_with_gradient_impl(const FlowArgs& a) {
+  const int64_t chunks = chunks_per_sample(a.numel);
+  const auto coef = coefficients<T>(a);
+  const T* old_log_prob = reinterpret_cast<const T*>(a.old_log_prob);
+  const T* advantages = reinterpret_cast<const T*>(a.advantages);
+  T* log_prob = reinterpret_cast<T*>(a.log_prob);
+  T* std_dev_t = reinterpret_cast<T*>(a.std_dev_t);
+  parallel_for(a.batch, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double sumsq = 0.0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t i0 = c * kChunk;
+        sumsq += forward_chunk<T>(a, coef[b], b, i0, std::min(a.numel, i0 + kChunk));
+      }
+      log_prob[b] = coef[b].lp_scale * T(sumsq) / T(a.numel) + coef[b].lp_shift;
+      if (std_dev_t != nullptr) std_dev_t[b] = coef[b].std_dev_t;
+      const PpoTerm<T> term = ppo_term<T>(log_prob[b], old_log_prob[b], advantages[b], T(a.ppo_clip_range),
+                                          T(a.adv_clip_max));
+      const T scale = T(-2) * coef[b].lp_scale * (term.dloss_dlogp / T(a.batch)) / T(a.numel);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t i0 = c * kChunk;
+        backward_chunk<T>(a, coef[b], scale, b, i0, std::min(a.numel, i0 + kChunk));
+      }
+    }
+  }, a.batch * a.numel >= kParallelElements);
+}
+
 template <typename T>
 void backward_impl(const FlowArgs& a) {
   const int64_t chunks = chunks_per_sample(a.numel);
@@ -213,7 +245,12 @@ void backward_impl(const FlowArgs& a) {
 }  // namespace
 
 void flow_forward(const FlowArgs& args) {
-  args.compute == kFloat64 ? forward_impl<double>(args) : forward_impl<float>(args);
+  const bool with_gradient = args.old_log_prob != 0 && args.grad_model_output != 0;
+  if (args.compute == kFloat64) {
+    with_gradient ? forward_with_gradient_impl<double>(args) : forward_impl<double>(args);
+  } else {
+    with_gradient ? forward_with_gradient_impl<float>(args) : forward_impl<float>(args);
+  }
 }
 
 void flow_backward(const FlowArgs& args) {
