@@ -104,6 +104,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (the fused CPU kernels use the same count); on a shared, "
+                             "oversubscribed machine 1 keeps eager PyTorch's many parallel regions from "
+                             "waiting on descheduled OpenMP threads")
     parser.add_argument("--csv", type=Path, default=None,
                         help="CSV output (default benchmarks/results/flow_ops_DEVICE.csv)")
     args = parser.parse_args(argv)
@@ -111,6 +115,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     rounds = args.rounds or (15 if args.quick else 40)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     backends = fused_backends(device)
     if not backends:
         print("no fused backend available on", device, file=sys.stderr)
