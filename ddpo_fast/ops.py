@@ -721,5 +721,15 @@ def ddim_step_with_logprob(
         use_clipped_model_output=use_clipped_model_output,
     )
 
-# The flow-matching SDE step (Flow-GRPO), in its own module; re-exported here as the public ops.
-from ddpo_fast.flow_ops import flow_sde_ppo_loss, flow_sde_step_logprob, flow_sde_step_with_logprob  # noqa: E402,F401
+# The flow-matching SDE step (Flow-GRPO) lives in ddpo_fast.flow_ops, which imports this module's
+# checks; its public functions are attributes of this module too, loaded on first use (PEP 562), so
+# that importing either module first works.
+_FLOW_OPS = ("flow_sde_step_with_logprob", "flow_sde_step_logprob", "flow_sde_ppo_loss")
+
+
+def __getattr__(name: str):
+    if name in _FLOW_OPS:
+        from ddpo_fast import flow_ops
+
+        return getattr(flow_ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ddpo_fast.backends import DdimCall
 from ddpo_fast.kernels import ddim
-from ddpo_fast.kernels.ddim import (LOG_SQRT_2PI, Launch, _f64_arg, _f64_bits, _load_guided, _philox_normal4,
-                                    _round_to_bf16, _run, _words)
+from ddpo_fast.kernels.ddim import (LOG_SQRT_2PI, Launch, _f64_arg, _f64_bits, _load_guided, _round_to_bf16, _run,
+                                    _tile_index, _tile_noise, _words)
 
 if TYPE_CHECKING:
     from ddpo_fast.flow_ops import FlowCall
@@ -79,17 +79,7 @@ def _flow_forward_kernel(
     forward kernel): mean, x' (stored when SAMPLE), mean (stored when WRITE_MEAN), partial sum."""
     c = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    row0 = b * N
-    r = tl.arange(0, R)
-    col = tl.arange(0, 4)
-    if PHILOX:
-        block = row0 // 4 + c * R + r
-        g = block[:, None] * 4 + col[None, :]
-        i = g - row0
-    else:
-        i = (c * (4 * R) + r * 4)[:, None] + col[None, :]
-        g = row0 + i
-    mask = (i >= 0) & (i < N)
+    block, g, i, mask = _tile_index(b, c, N, PHILOX, R)
 
     s = tl.load(s_ptr + b).to(CT)
     sp = tl.load(sp_ptr + b).to(CT)
@@ -101,16 +91,7 @@ def _flow_forward_kernel(
     if WRITE_MEAN:
         tl.store(mean_ptr + g, mean, mask=mask)
     if SAMPLE:
-        if PHILOX:
-            z0, z1, z2, z3 = _philox_normal4(
-                block, off_lo.to(tl.uint32, bitcast=True), off_hi.to(tl.uint32, bitcast=True),
-                seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
-            cc = col[None, :]
-            z = tl.where(cc == 0, z0[:, None],
-                         tl.where(cc == 1, z1[:, None], tl.where(cc == 2, z2[:, None], z3[:, None])))
-            z = z.to(CT)
-        else:
-            z = tl.load(noise_ptr + g, mask=mask, other=0.0).to(CT)
+        z = _tile_noise(block, g, mask, noise_ptr, seed_lo, seed_hi, off_lo, off_hi, CT, PHILOX)
         if PREV_BF16:
             stored = _round_to_bf16(mean + scale * z)
         else:

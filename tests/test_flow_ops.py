@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from ddpo_fast import flow_ops, ops, reference  # flow_ops registers the torch.ops.ddpo_fast.flow_sde_* ops
 from ddpo_fast import flow_reference as fref
-from ddpo_fast import ops, reference
 from ddpo_fast.backends import _C, use_backend
 from flow_cases import HALF, SHAPES, SIGMA_MAX, flow_grpo_step, make_inputs, rel_err, sigmas
 
@@ -300,7 +300,6 @@ def test_one_pass_loss_gradient_equals_the_two_pass_one(cpu_isa, sde_type, dtype
     m_one = model_output.clone().requires_grad_()
     loss_one, _ = ops.flow_sde_ppo_loss(m_one, *args, **ppo)
     (0.5 * loss_one).backward()
-    from ddpo_fast import flow_ops
     m_two = model_output.clone().requires_grad_()
     loss_two, _, _, _, _, _ = flow_ops._flow_ppo_loss_op(
         m_two, *args[:4], args[4].float(), args[5], 0.7, {"sde": 0, "cps": 1}[sde_type], SIGMA_MAX, 3.0, 1e-4, 5.0,
@@ -466,3 +465,14 @@ def test_core_rejects_null_pointers_instead_of_crashing():
     args.sde_type = 5
     with pytest.raises(ValueError, match="sde_type"):
         _C.flow_backward_cpu(args)
+
+
+def test_either_module_can_be_imported_first():
+    """ddpo_fast.flow_ops imports ddpo_fast.ops' checks and ops re-exports flow_ops' functions: a
+    circular import unless one side is lazy. Fresh interpreters, each order."""
+    import subprocess
+    import sys
+
+    for code in ("import ddpo_fast.flow_ops; from ddpo_fast.ops import flow_sde_step_with_logprob",
+                 "from ddpo_fast.ops import flow_sde_ppo_loss; import ddpo_fast.flow_ops"):
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
