@@ -18,7 +18,6 @@ autograd, so they work under torch.compile; on CUDA they never synchronise with 
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple, Optional

@@ -302,6 +302,26 @@ def _tile_noise(block, g, mask, noise_ptr, seed_lo, seed_hi, off_lo, off_hi, CT:
         return tl.load(noise_ptr + g, mask=mask, other=0.0).to(CT)
 
 
+@triton.jit
+def _store_guided_grad(gmo_ptr, g, b, i, B, N, mask, grad, w_bits, CT: tl.constexpr, CFG: tl.constexpr,
+                       GRAD_BF16: tl.constexpr):
+    """Stores the gradient w.r.t. the guided model output: with CFG the unconditional row (b) gets
+    (1 - w) of it and the conditional row (B + b) w; bf16 rounded as _round_to_bf16."""
+    if CFG:
+        w = _f64_arg(w_bits, CT)
+        grad_u = (1.0 - w) * grad
+        grad_c = w * grad
+        if GRAD_BF16:
+            grad_u = _round_to_bf16(grad_u)
+            grad_c = _round_to_bf16(grad_c)
+        tl.store(gmo_ptr + g, grad_u.to(gmo_ptr.dtype.element_ty), mask=mask)
+        tl.store(gmo_ptr + ((b + B) * N + i), grad_c.to(gmo_ptr.dtype.element_ty), mask=mask)
+    else:
+        if GRAD_BF16:
+            grad = _round_to_bf16(grad)
+        tl.store(gmo_ptr + g, grad.to(gmo_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- Kernels ---------------------------------------------------------------------------------
 
 _SCALAR_ARGS = ["eta_bits", "w_bits", "range_bits", "seed_lo", "seed_hi", "off_lo", "off_hi"]
@@ -454,19 +474,7 @@ def _ddim_backward_kernel(
     if HAS_GPREV:
         upstream = tl.load(gprev_ptr + g, mask=mask, other=0.0).to(CT) + upstream
     grad = dmu * upstream
-    if CFG:
-        w = _f64_arg(w_bits, CT)
-        grad_u = (1.0 - w) * grad
-        grad_c = w * grad
-        if GRAD_BF16:
-            grad_u = _round_to_bf16(grad_u)
-            grad_c = _round_to_bf16(grad_c)
-        tl.store(gmo_ptr + g, grad_u.to(gmo_ptr.dtype.element_ty), mask=mask)
-        tl.store(gmo_ptr + ((b + B) * N + i), grad_c.to(gmo_ptr.dtype.element_ty), mask=mask)
-    else:
-        if GRAD_BF16:
-            grad = _round_to_bf16(grad)
-        tl.store(gmo_ptr + g, grad.to(gmo_ptr.dtype.element_ty), mask=mask)
+    _store_guided_grad(gmo_ptr, g, b, i, B, N, mask, grad, w_bits, CT, CFG, GRAD_BF16)
 
 
 # ---- Launchers -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import triton.language as tl
 from ddpo_fast.backends import DdimCall
 from ddpo_fast.kernels import ddim
 from ddpo_fast.kernels.ddim import (LOG_SQRT_2PI, Launch, _f64_arg, _f64_bits, _load_guided, _round_to_bf16, _run,
-                                    _tile_index, _tile_noise, _words)
+                                    _store_guided_grad, _tile_index, _tile_noise, _words)
 
 if TYPE_CHECKING:
     from ddpo_fast.flow_ops import FlowCall
@@ -156,19 +156,7 @@ def _flow_backward_kernel(
     if HAS_GMEAN:
         upstream += tl.load(gmean_ptr + g, mask=mask, other=0.0).to(CT)
     grad = cm * upstream
-    if CFG:
-        w = _f64_arg(w_bits, CT)
-        grad_u = (1.0 - w) * grad
-        grad_c = w * grad
-        if GRAD_BF16:
-            grad_u = _round_to_bf16(grad_u)
-            grad_c = _round_to_bf16(grad_c)
-        tl.store(gmo_ptr + g, grad_u.to(gmo_ptr.dtype.element_ty), mask=mask)
-        tl.store(gmo_ptr + ((b + B) * N + i), grad_c.to(gmo_ptr.dtype.element_ty), mask=mask)
-    else:
-        if GRAD_BF16:
-            grad = _round_to_bf16(grad)
-        tl.store(gmo_ptr + g, grad.to(gmo_ptr.dtype.element_ty), mask=mask)
+    _store_guided_grad(gmo_ptr, g, b, i, B, N, mask, grad, w_bits, CT, CFG, GRAD_BF16)
 
 
 # ---- Launchers -------------------------------------------------------------------------------

@@ -30,6 +30,17 @@ def make_inputs(batch, shape, dtype, cfg, seed=0, device="cpu"):
     return model_output, sample, noise
 
 
+def reference64(model_output, sample, sigma, sigma_prev, **kwargs):
+    """flow_reference.flow_sde_step in float64 on the upcast inputs (sigma_max = SIGMA_MAX): the oracle."""
+    from ddpo_fast import flow_reference
+
+    for name in ("noise", "prev_sample"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name].double()
+    return flow_reference.flow_sde_step(model_output.double(), sample.double(), sigma.double(), sigma_prev.double(),
+                                        sigma_max=SIGMA_MAX, **kwargs)
+
+
 def rel_err(actual, expected) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()

@@ -10,7 +10,7 @@ import torch
 from ddpo_fast import flow_ops, ops, reference  # flow_ops registers the torch.ops.ddpo_fast.flow_sde_* ops
 from ddpo_fast import flow_reference as fref
 from ddpo_fast.backends import _C, use_backend
-from flow_cases import HALF, SHAPES, SIGMA_MAX, flow_grpo_step, make_inputs, rel_err, sigmas
+from flow_cases import HALF, SHAPES, SIGMA_MAX, flow_grpo_step, make_inputs, reference64, rel_err, sigmas
 
 pytestmark = pytest.mark.skipif(_C is None, reason="ddpo_fast._C is not built")
 
@@ -33,13 +33,7 @@ def cpu_backend():
         yield
 
 
-def _ref(model_output, sample, s, sp, **kwargs):
-    """The float64 reference on upcast inputs."""
-    for name in ("noise", "prev_sample"):
-        if kwargs.get(name) is not None:
-            kwargs[name] = kwargs[name].double()
-    return fref.flow_sde_step(model_output.double(), sample.double(), s.double(), sp.double(),
-                              sigma_max=SIGMA_MAX, **kwargs)
+_ref = reference64
 
 
 # ---- Against the float64 reference ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from ddpo_fast import flow_reference as fref  # noqa: E402
 from ddpo_fast import ops  # noqa: E402
 from ddpo_fast.backends import _C  # noqa: E402
 from ddpo_fast.backends import use_backend  # noqa: E402
-from flow_cases import SIGMA_MAX, make_inputs, rel_err, sigmas  # noqa: E402
+from flow_cases import SIGMA_MAX, make_inputs, reference64, rel_err, sigmas  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -30,12 +30,7 @@ def triton_backend():
         yield
 
 
-def _ref(model_output, sample, s, sp, **kwargs):
-    for name in ("noise", "prev_sample"):
-        if kwargs.get(name) is not None:
-            kwargs[name] = kwargs[name].double()
-    return fref.flow_sde_step(model_output.double(), sample.double(), s.double(), sp.double(), sigma_max=SIGMA_MAX,
-                              **kwargs)
+_ref = reference64
 
 
 @pytest.mark.parametrize("sde_type", ["sde", "cps"])
