@@ -122,6 +122,9 @@ def _cuda_args(call: FlowCall):
 def _dispatch(call: FlowCall, direction: str) -> None:
     """Runs the `direction` ("forward" or "backward") kernels of the backend for call's device."""
     backend = resolve_backend(call.sample.device)
+    if backend in ("cpu", "cuda") and not hasattr(_C, f"flow_{direction}_{backend}"):
+        raise RuntimeError(f"ddpo_fast._C ({_C.__file__}) has no flow SDE kernels for backend {backend!r}: "
+                           "rebuild the extension (pip install -e . or setup.py build_ext --inplace)")
     if backend == "cpu":
         _C.set_num_threads(torch.get_num_threads())
         getattr(_C, f"flow_{direction}_cpu")(_core_args(call))

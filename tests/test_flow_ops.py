@@ -470,3 +470,14 @@ def test_either_module_can_be_imported_first():
     # flow_ops first (ops first is what every other test here does).
     code = "import ddpo_fast.flow_ops; from ddpo_fast.ops import flow_sde_step_with_logprob, flow_sde_ppo_loss"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_extension_without_flow_kernels_says_rebuild(cpu_backend, monkeypatch):
+    """A _C built before the flow kernels existed: a clear error, not an AttributeError deep inside."""
+    class OldExtension:
+        __file__ = "old/_C.so"
+
+    monkeypatch.setattr(flow_ops, "_C", OldExtension())
+    model_output, sample, s, sp, _ = _good()
+    with pytest.raises(RuntimeError, match="rebuild"):
+        ops.flow_sde_step_logprob(model_output, sample, s, sp, seed=1)
