@@ -509,22 +509,20 @@ def flow_sde_ppo_loss(
 
 # ---- diffusers FlowMatchEulerDiscreteScheduler adapter -----------------------------------------
 
-# id(scheduler.sigmas) -> (weak reference to it, sigmas[1] as a float, {device: float32 copy}).
-_sigmas_cache: dict[int, tuple] = {}
+# id(tensor) -> (weak reference to it, {key: value}): per-schedule values derived once (device
+# copies, sigmas[1] as a float), so that a step on a GPU neither copies nor synchronises.
+_schedule_cache: dict[int, tuple] = {}
 
 
-def _scheduler_tables(scheduler, device: torch.device) -> tuple[Tensor, float]:
-    """scheduler.sigmas as float32 on `device` (copied once per device) and sigmas[1] as a float
-    (read once per schedule, so that a step on a GPU does not synchronise)."""
-    source = scheduler.sigmas
-    entry = _sigmas_cache.get(id(source))
+def _derived(source: Tensor, key, make):
+    entry = _schedule_cache.get(id(source))
     if entry is None or entry[0]() is not source:
-        ref = weakref.ref(source, lambda _, key=id(source), cache=_sigmas_cache: cache.pop(key, None))
-        entry = (ref, float(source[1]) if source.numel() > 1 else 0.0, {})
-        _sigmas_cache[id(source)] = entry
-    if device not in entry[2]:
-        entry[2][device] = source.to(device=device, dtype=torch.float32)
-    return entry[2][device], entry[1]
+        ref = weakref.ref(source, lambda _, k=id(source), cache=_schedule_cache: cache.pop(k, None))
+        entry = (ref, {})
+        _schedule_cache[id(source)] = entry
+    if key not in entry[1]:
+        entry[1][key] = make()
+    return entry[1][key]
 
 
 def scheduler_sigmas(scheduler, timestep, batch_size: int, device) -> tuple[Tensor, Tensor, float]:
@@ -537,8 +535,10 @@ def scheduler_sigmas(scheduler, timestep, batch_size: int, device) -> tuple[Tens
             raise TypeError(f"scheduler must be a diffusers FlowMatchEulerDiscreteScheduler after set_timesteps "
                             f"(no {attribute!r}), got {type(scheduler).__name__}")
     device = torch.device(device)
-    sigmas, sigma_max = _scheduler_tables(scheduler, device)
-    timesteps = scheduler.timesteps.to(device)
+    source = scheduler.sigmas
+    sigmas = _derived(source, device, lambda: source.to(device=device, dtype=torch.float32))
+    sigma_max = _derived(source, "sigma_max", lambda: float(source[1]) if source.numel() > 1 else 0.0)
+    timesteps = _derived(scheduler.timesteps, device, lambda: scheduler.timesteps.to(device))
     if isinstance(timestep, Tensor):
         t = timestep.to(device=device, dtype=timesteps.dtype).reshape(-1)
     elif isinstance(timestep, (int, float)) and not isinstance(timestep, bool):

@@ -481,3 +481,15 @@ def test_extension_without_flow_kernels_says_rebuild(cpu_backend, monkeypatch):
     model_output, sample, s, sp, _ = _good()
     with pytest.raises(RuntimeError, match="rebuild"):
         ops.flow_sde_step_logprob(model_output, sample, s, sp, seed=1)
+
+
+def test_new_schedule_is_picked_up(cpu_backend):
+    """Values derived per schedule (device copies, sigmas[1]) follow a new set_timesteps."""
+    from ddpo_fast.flow_ops import scheduler_sigmas
+
+    scheduler = _scheduler(3.0)
+    for steps in (10, 4, 10):
+        scheduler.set_timesteps(steps)
+        sigma, sigma_prev, sigma_max = scheduler_sigmas(scheduler, scheduler.timesteps[1], 2, "cpu")
+        assert torch.equal(sigma, scheduler.sigmas[[1, 1]]) and torch.equal(sigma_prev, scheduler.sigmas[[2, 2]])
+        assert sigma_max == scheduler.sigmas[1].item()
