@@ -9,6 +9,7 @@
 #include "ddim_core.h"
 
 namespace py = pybind11;
+namespace ddpo { void bind_flow(py::module_& m); }  // flow_bindings.cpp
 using ddpo::DdimArgs;
 
 namespace {
@@ -67,4 +68,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", &ddpo::cpu_isa, "the instruction-set variant of the CPU kernels in use");
   m.def("set_cpu_isa", &ddpo::set_cpu_isa);
   m.def("supported_cpu_isas", &ddpo::supported_cpu_isas);
+  ddpo::bind_flow(m);  // the flow SDE step (Flow-GRPO)
 }

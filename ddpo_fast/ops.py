@@ -1016,3 +1016,17 @@ def ddim_step_with_logprob(
         seed = int(torch.randint(0, _MAX_INT64, (), dtype=torch.int64))
     return _dispatch_step(model_output, sample, alpha_t, alpha_prev, prev_sample, noise, seed, 0, sample.dtype,
                           prediction_type, policy, backend)
+
+
+# The flow-matching SDE step (Flow-GRPO) lives in ddpo_fast.flow_ops, which imports this module's
+# checks; its public functions are attributes of this module too, loaded on first use (PEP 562), so
+# that importing either module first works.
+_FLOW_OPS = ("flow_sde_step_with_logprob", "flow_sde_step_logprob", "flow_sde_ppo_loss")
+
+
+def __getattr__(name: str):
+    if name in _FLOW_OPS:
+        from ddpo_fast import flow_ops
+
+        return getattr(flow_ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -267,6 +267,61 @@ def _round_to_bf16(v):
     return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def _tile_index(b, c, N, PHILOX: tl.constexpr, R: tl.constexpr):
+    """The (R, 4) tile of chunk c of sample b: Philox block indices, flat indices g, indices i in the
+    sample, mask. With PHILOX the tile is R whole Philox blocks of the flattened (B, N) tensor
+    (element g = b N + i is normal g % 4 of block g // 4): chunk c covers blocks b N // 4 + c R ...
+    + R - 1, masked to the sample's elements, so each block's Philox and Box-Muller run once."""
+    row0 = b * N
+    r = tl.arange(0, R)
+    col = tl.arange(0, 4)
+    if PHILOX:
+        block = row0 // 4 + c * R + r
+        g = block[:, None] * 4 + col[None, :]
+        i = g - row0
+    else:
+        block = r  # unused
+        i = (c * (4 * R) + r * 4)[:, None] + col[None, :]
+        g = row0 + i
+    return block, g, i, (i >= 0) & (i < N)
+
+
+@triton.jit
+def _tile_noise(block, g, mask, noise_ptr, seed_lo, seed_hi, off_lo, off_hi, CT: tl.constexpr,
+                PHILOX: tl.constexpr):
+    """The standard normals of a _tile_index tile: the Philox stream of (seed, offset), or noise_ptr."""
+    if PHILOX:
+        z0, z1, z2, z3 = _philox_normal4(
+            block, off_lo.to(tl.uint32, bitcast=True), off_hi.to(tl.uint32, bitcast=True),
+            seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+        cc = tl.arange(0, 4)[None, :]
+        z = tl.where(cc == 0, z0[:, None], tl.where(cc == 1, z1[:, None], tl.where(cc == 2, z2[:, None], z3[:, None])))
+        return z.to(CT)
+    else:
+        return tl.load(noise_ptr + g, mask=mask, other=0.0).to(CT)
+
+
+@triton.jit
+def _store_guided_grad(gmo_ptr, g, b, i, B, N, mask, grad, w_bits, CT: tl.constexpr, CFG: tl.constexpr,
+                       GRAD_BF16: tl.constexpr):
+    """Stores the gradient w.r.t. the guided model output: with CFG the unconditional row (b) gets
+    (1 - w) of it and the conditional row (B + b) w; bf16 rounded as _round_to_bf16."""
+    if CFG:
+        w = _f64_arg(w_bits, CT)
+        grad_u = (1.0 - w) * grad
+        grad_c = w * grad
+        if GRAD_BF16:
+            grad_u = _round_to_bf16(grad_u)
+            grad_c = _round_to_bf16(grad_c)
+        tl.store(gmo_ptr + g, grad_u.to(gmo_ptr.dtype.element_ty), mask=mask)
+        tl.store(gmo_ptr + ((b + B) * N + i), grad_c.to(gmo_ptr.dtype.element_ty), mask=mask)
+    else:
+        if GRAD_BF16:
+            grad = _round_to_bf16(grad)
+        tl.store(gmo_ptr + g, grad.to(gmo_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- Kernels ---------------------------------------------------------------------------------
 
 _SCALAR_ARGS = ["eta_bits", "w_bits", "range_bits", "seed_lo", "seed_hi", "off_lo", "off_hi"]
@@ -289,17 +344,7 @@ def _ddim_forward_kernel(
     """
     c = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    row0 = b * N
-    r = tl.arange(0, R)
-    col = tl.arange(0, 4)
-    if PHILOX:
-        block = row0 // 4 + c * R + r
-        g = block[:, None] * 4 + col[None, :]
-        i = g - row0
-    else:
-        i = (c * (4 * R) + r * 4)[:, None] + col[None, :]
-        g = row0 + i
-    mask = (i >= 0) & (i < N)
+    block, g, i, mask = _tile_index(b, c, N, PHILOX, R)
 
     a = tl.load(at_ptr + b).to(CT)
     p = tl.load(ap_ptr + b).to(CT)
@@ -313,16 +358,7 @@ def _ddim_forward_kernel(
                          CLIP, USE_CLIPPED)
 
     if SAMPLE:
-        if PHILOX:
-            z0, z1, z2, z3 = _philox_normal4(
-                block, off_lo.to(tl.uint32, bitcast=True), off_hi.to(tl.uint32, bitcast=True),
-                seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
-            cc = col[None, :]
-            z = tl.where(cc == 0, z0[:, None],
-                         tl.where(cc == 1, z1[:, None], tl.where(cc == 2, z2[:, None], z3[:, None])))
-            z = z.to(CT)
-        else:
-            z = tl.load(noise_ptr + g, mask=mask, other=0.0).to(CT)
+        z = _tile_noise(block, g, mask, noise_ptr, seed_lo, seed_hi, off_lo, off_hi, CT, PHILOX)
         if PREV_BF16:
             stored = _round_to_bf16(mu + sigma * z)
         else:
@@ -438,19 +474,7 @@ def _ddim_backward_kernel(
     if HAS_GPREV:
         upstream = tl.load(gprev_ptr + g, mask=mask, other=0.0).to(CT) + upstream
     grad = dmu * upstream
-    if CFG:
-        w = _f64_arg(w_bits, CT)
-        grad_u = (1.0 - w) * grad
-        grad_c = w * grad
-        if GRAD_BF16:
-            grad_u = _round_to_bf16(grad_u)
-            grad_c = _round_to_bf16(grad_c)
-        tl.store(gmo_ptr + g, grad_u.to(gmo_ptr.dtype.element_ty), mask=mask)
-        tl.store(gmo_ptr + ((b + B) * N + i), grad_c.to(gmo_ptr.dtype.element_ty), mask=mask)
-    else:
-        if GRAD_BF16:
-            grad = _round_to_bf16(grad)
-        tl.store(gmo_ptr + g, grad.to(gmo_ptr.dtype.element_ty), mask=mask)
+    _store_guided_grad(gmo_ptr, g, b, i, B, N, mask, grad, w_bits, CT, CFG, GRAD_BF16)
 
 
 # ---- Launchers -------------------------------------------------------------------------------
