@@ -27,9 +27,9 @@ from torch import Tensor
 
 from ddpo_fast import flow_reference, reference
 from ddpo_fast.backends import DTYPE_CODES, _C, resolve_backend
-from ddpo_fast.ops import (_FLOAT_DTYPES, _MAX_INT64, _check_float64_consistency, _check_latents, _check_number,
-                           _check_ppo_inputs, _check_same_device, _check_seed, _check_tensor, _flat,
-                           _per_sample_alphas, _randn_like_diffusers, _reject_grad)
+from ddpo_fast.ops import (_check_float64_consistency, _check_latents, _check_number, _check_ppo_inputs,
+                           _check_same_device, _check_step_sources, _check_tensor, _flat, _per_sample_alphas,
+                           _randn_like_diffusers, _reject_grad)
 
 __all__ = ["flow_sde_step_with_logprob", "flow_sde_step_logprob", "flow_sde_ppo_loss", "scheduler_sigmas",
            "FlowSdeStepOutput", "SDE_TYPES"]
@@ -406,27 +406,7 @@ def flow_sde_step_logprob(
     noise_level, sde_type, sigma_max, guidance_scale = _check_flow_policy(noise_level, sde_type, sigma_max,
                                                                           guidance_scale)
     batch, _ = _check_latents(model_output, sample, guidance_scale)
-    if prev_sample is not None:
-        _check_prev_sample(prev_sample, sample)
-        for name, value in (("noise", noise), ("seed", seed), ("out_dtype", out_dtype)):
-            if value is not None:
-                raise ValueError(f"{name} cannot be combined with prev_sample (nothing is sampled)")
-    if noise is not None:
-        _check_tensor("noise", noise)
-        if noise.shape != sample.shape:
-            raise ValueError(f"noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
-        _check_same_device("sample", sample, noise=noise)
-        if seed is not None:
-            raise ValueError("give either noise or seed, not both")
-    offset = _check_seed("offset", offset)
-    if seed is not None:
-        seed = _check_seed("seed", seed)
-    elif prev_sample is None and noise is None:
-        seed = int(torch.randint(0, _MAX_INT64, (), dtype=torch.int64))
-    if out_dtype is None:
-        out_dtype = sample.dtype
-    elif out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be float32, float16, bfloat16 or float64, got {out_dtype}")
+    seed, offset, out_dtype = _check_step_sources(sample, prev_sample, noise, seed, offset, out_dtype)
     sigma_t = _per_sample_alphas("sigma", sigma, batch, sample)
     sigma_p = _per_sample_alphas("sigma_prev", sigma_prev, batch, sample)
     _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample, noise=noise)

@@ -165,6 +165,37 @@ def _check_seed(name: str, value) -> int:
     return value
 
 
+def _check_step_sources(sample: Tensor, prev_sample, noise, seed, offset, out_dtype):
+    """What a low-level step samples from or scores (shared by the DDIM and flow SDE steps): a given
+    prev_sample, or noise from a tensor or from (seed, offset); returns (seed, offset, out_dtype), a
+    fresh seed when none is given."""
+    if prev_sample is not None:
+        _check_tensor("prev_sample", prev_sample)
+        if prev_sample.shape != sample.shape:
+            raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
+        _check_same_device("sample", sample, prev_sample=prev_sample)
+        for name, value in (("noise", noise), ("seed", seed), ("out_dtype", out_dtype)):
+            if value is not None:
+                raise ValueError(f"{name} cannot be combined with prev_sample (nothing is sampled)")
+    if noise is not None:
+        _check_tensor("noise", noise)
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
+        _check_same_device("sample", sample, noise=noise)
+        if seed is not None:
+            raise ValueError("give either noise or seed, not both")
+    offset = _check_seed("offset", offset)
+    if seed is not None:
+        seed = _check_seed("seed", seed)
+    elif prev_sample is None and noise is None:
+        seed = int(torch.randint(0, _MAX_INT64, (), dtype=torch.int64))
+    if out_dtype is None:
+        out_dtype = sample.dtype
+    elif out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16, bfloat16 or float64, got {out_dtype}")
+    return seed, offset, out_dtype
+
+
 def _reject_grad(op: str, **tensors: Optional[Tensor]) -> None:
     for name, t in tensors.items():
         if t is not None and t.requires_grad:
@@ -593,30 +624,7 @@ def ddim_step_logprob(
     eta, guidance_scale, prediction_type, clip_sample_range = _check_policy(
         eta, guidance_scale, prediction_type, clip_sample_range)
     batch, _ = _check_latents(model_output, sample, guidance_scale)
-    if prev_sample is not None:
-        _check_tensor("prev_sample", prev_sample)
-        if prev_sample.shape != sample.shape:
-            raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
-        _check_same_device("sample", sample, prev_sample=prev_sample)
-        for name, value in (("noise", noise), ("seed", seed), ("out_dtype", out_dtype)):
-            if value is not None:
-                raise ValueError(f"{name} cannot be combined with prev_sample (nothing is sampled)")
-    if noise is not None:
-        _check_tensor("noise", noise)
-        if noise.shape != sample.shape:
-            raise ValueError(f"noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
-        _check_same_device("sample", sample, noise=noise)
-        if seed is not None:
-            raise ValueError("give either noise or seed, not both")
-    offset = _check_seed("offset", offset)
-    if seed is not None:
-        seed = _check_seed("seed", seed)
-    elif prev_sample is None and noise is None:
-        seed = int(torch.randint(0, _MAX_INT64, (), dtype=torch.int64))
-    if out_dtype is None:
-        out_dtype = sample.dtype
-    elif out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be float32, float16, bfloat16 or float64, got {out_dtype}")
+    seed, offset, out_dtype = _check_step_sources(sample, prev_sample, noise, seed, offset, out_dtype)
     alpha_t = _per_sample_alphas("alpha_prod_t", alpha_prod_t, batch, sample)
     alpha_prev = _per_sample_alphas("alpha_prod_t_prev", alpha_prod_t_prev, batch, sample)
     _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample, noise=noise)
@@ -906,7 +914,7 @@ _STREAM_MIN_ELEMENTS = 1 << 17
 def _noise_pieces(generator, noise: Tensor, whole: bool = False):
     """(generator, view of noise, elements filled once it is) in fill order, as diffusers draws;
     with `whole`, a single generator fills all of it in one piece."""
-    batch, numel = noise.shape[0], noise[0].numel()
+    numel = noise[0].numel()
     if isinstance(generator, (list, tuple)):  # one draw of shape (1, ...) per sample
         return [(g, noise[b:b + 1], (b + 1) * numel) for b, g in enumerate(generator)]
     flat, total = noise.view(-1), noise.numel()
