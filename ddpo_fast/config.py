@@ -98,7 +98,8 @@ class Config:
                              "random weights: for throughput and memory measurements), a diffusers pipeline "
                              "directory, or a hub id")
     reward: str = opt("jpeg_compressibility", "`jpeg_compressibility`, `jpeg_incompressibility` (JPEG quality 95, "
-                                              "size in kB), `aesthetic`, `llava_bertscore`, `pickscore`, `clipscore`, "
+                                              "size in kB), `aesthetic`, `llava_bertscore`, `shapes_alignment` (a "
+                                              "programmatic judge of the `shapes` prompts), `pickscore`, `clipscore`, "
                                               "`hpsv2`, `imagereward`, `module:function`, or a weighted sum "
                                               "`pickscore:1.0,aesthetic:0.5` (see Rewards)")
     reward_options: str = opt("", "options of the reward, `key=value,key=value` (e.g. `clip_model=DIR,mlp_weights=FILE`)")
@@ -109,8 +110,9 @@ class Config:
                                  "reward server (see Serving a reward)")
     reward_timeout: float = opt(600.0, "seconds a reward server request may take before the run stops with an error "
                                        "(not retried; a refused connection is retried twice first)")
-    prompts: str = opt("simple_animals", "`simple_animals`, `common_animals` (45), `animal_activities`, `file:PATH` "
-                                         "(one per line), or `module:function`")
+    prompts: str = opt("simple_animals", "`simple_animals`, `common_animals` (45), `animal_activities`, `shapes` "
+                                         "(captions of the shapes model), `shapes_heldout` (colour-shape pairs "
+                                         "`shapes` never asks for), `file:PATH` (one per line), or `module:function`")
     seed: int = opt(0, "every random choice derives from (seed, epoch, batch, rank)")
     num_epochs: int = opt(100, "epochs of the run (raise it on `--resume` to train on)")
     save_freq: int = opt(1, "epochs between sample grids")
