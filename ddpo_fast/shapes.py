@@ -86,6 +86,12 @@ def all_scenes() -> list[list[Group]]:
     return scenes
 
 
+def caption_words() -> list[str]:
+    """Every word a caption can hold (sorted)."""
+    words = {"and"} | set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(COUNT_WORDS.values())
+    return sorted(words)
+
+
 def random_scene(rng: random.Random) -> list[Group]:
     """Half the scenes one group, half two (more two-group scenes exist, but single ones teach counting)."""
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
