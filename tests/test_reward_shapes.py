@@ -46,6 +46,12 @@ def test_blank_and_noisy_images():
     speckle = blank.clone()
     speckle[0, :, ::9, ::9] = torch.tensor([215, 35, 35], dtype=torch.uint8).view(3, 1, 1)  # single red pixels: noise
     assert find_shapes(speckle) == [[]]
+    smear = blank.clone()
+    for k in range(40):  # a thick diagonal stroke: red, large, like no shape
+        smear[0, :, 10 + k, 10 + k:14 + k] = torch.tensor([215, 35, 35], dtype=torch.uint8).view(3, 1)
+    assert [s[:2] for s in find_shapes(smear)[0]] == [("red", "blob")]
+    scores, info = shapes_alignment(smear, ["a red circle"], [{}])
+    assert scores.item() == 0.25 and info["unmet"] == ["1 red circle: colour, 1 red circle: shape, 1 red circle: count"]
 
 
 def test_connected_components_against_known_labels():

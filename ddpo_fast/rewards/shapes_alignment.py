@@ -5,7 +5,9 @@ Reading an image (all on tensors): a pixel belongs to a shape when it is saturat
 >= 80 of 255; the backgrounds are light and greyish), and its colour is the nearest hue (red 0,
 yellow 49, green 129, blue 228 degrees). Each colour's pixels split into 8-connected components;
 components under MIN_AREA pixels are noise. A component's shape is whichever of a square, a circle
-and an upright triangle, each fitted to its bounding box, it overlaps best.
+and an upright triangle, each fitted to its bounding box, it overlaps best; one that overlaps none of
+them well (random weights' speckle, smears) is a "blob": it meets no colour or shape request, but it
+counts against the total.
 
 Scoring: the prompt ("two red circles and a blue square", the captions of `ddpo_fast.shapes`) makes
 requests: per group, its colour is present, a component of that colour has the shape, and the number
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from ddpo_fast import shapes
 
 MIN_SATURATION = 80  # of 255: the shapes have ~180, the generator's backgrounds at most 45
-MIN_AREA = 12  # pixels; the generator's smallest shape (a triangle of half size 5) has ~55
+MIN_AREA = 30  # pixels; the generator's smallest shape (a triangle of half size 5) has ~50, speckle less
+MIN_IOU = 0.6  # a component overlapping no shape template this well is a blob (the generator's shapes: >= 0.8)
 HUES = {"red": 0.0, "yellow": 49.0, "green": 129.0, "blue": 228.0}
 
 
@@ -73,9 +76,9 @@ def _templates(h: int, w: int) -> dict[str, torch.Tensor]:
     }
 
 
-def classify(component: torch.Tensor) -> str:
-    """The shape whose template, fitted to the component's bounding box, overlaps it best (intersection
-    over union): robust to the pixel grid, where a small circle fills most of its box."""
+def classify(component: torch.Tensor) -> tuple[str, float]:
+    """(shape, IoU): the shape whose template, fitted to the component's bounding box, overlaps it best
+    (intersection over union; robust to the pixel grid, where a small circle fills most of its box)."""
     rows, cols = component.any(1).nonzero(), component.any(0).nonzero()
     crop = component[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     best, best_iou = "square", -1.0
@@ -83,11 +86,12 @@ def classify(component: torch.Tensor) -> str:
         iou = (crop & template).sum().item() / max(1, (crop | template).sum().item())
         if iou > best_iou:
             best, best_iou = name, iou
-    return best
+    return best, best_iou
 
 
 def find_shapes(images: torch.Tensor) -> list[list[tuple[str, str, int]]]:
-    """Per image, the shapes seen: (colour, shape, area in pixels), components under MIN_AREA left out."""
+    """Per image, the shapes seen: (colour, shape, area in pixels), components under MIN_AREA left out.
+    A component like none of the shapes (best IoU under MIN_IOU: noise, smears) has shape "blob"."""
     if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == 3):
         raise ValueError(f"images must be a uint8 tensor (N, 3, H, W), got "
                          f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
@@ -101,7 +105,8 @@ def find_shapes(images: torch.Tensor) -> list[list[tuple[str, str, int]]]:
             for label, area in zip(ids.tolist(), areas.tolist()):
                 if label == 0 or area < MIN_AREA:
                     continue
-                seen.append((colour, classify(label_map == label), area))
+                shape, iou = classify(label_map == label)
+                seen.append((colour, shape if iou >= MIN_IOU else "blob", area))
         found.append(seen)
     return found
 
@@ -111,7 +116,7 @@ def judge(prompt: str, seen: list[tuple[str, str, int]]) -> dict[str, bool]:
     groups = shapes.parse_caption(prompt)
     met = {}
     for g in groups:
-        of_colour = [s for s in seen if s[0] == g.colour]
+        of_colour = [s for s in seen if s[0] == g.colour and s[1] != "blob"]
         matching = [s for s in of_colour if s[1] == g.shape]
         name = f"{g.count} {g.colour} {g.shape}"
         met[f"{name}: colour"] = bool(of_colour)
