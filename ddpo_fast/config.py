@@ -94,9 +94,10 @@ class WandbConfig:
 
 @dataclass
 class Config:
-    model: str = opt("tiny", "`tiny` (built-in, random weights), `sd15-random` (Stable Diffusion 1.5's shapes, "
-                             "random weights: for throughput and memory measurements), a diffusers pipeline "
-                             "directory, or a hub id")
+    model: str = opt("tiny", "`tiny` (built-in, random weights), `shapes` (built-in, pretrained on 64x64 scenes "
+                             "of coloured shapes: pair it with `prompts=shapes`), `sd15-random` (Stable Diffusion "
+                             "1.5's shapes, random weights: for throughput and memory measurements), a diffusers "
+                             "pipeline directory, or a hub id")
     reward: str = opt("jpeg_compressibility", "`jpeg_compressibility`, `jpeg_incompressibility` (JPEG quality 95, "
                                               "size in kB), `aesthetic`, `llava_bertscore`, `shapes_alignment` (a "
                                               "programmatic judge of the `shapes` prompts), `pickscore`, `clipscore`, "
@@ -468,7 +469,7 @@ def _is_server_url(value: str) -> bool:
 def validate(config: Config, world_size: int = 1) -> Config:
     """Checks every value and the batch-size arithmetic; raises ConfigError naming the key."""
     s, t, st = config.sample, config.train, config.per_prompt_stat_tracking
-    _check(config.model.strip() != "", "model must be 'tiny', a pipeline directory or a hub id")
+    _check(config.model.strip() != "", "model must be 'tiny', 'shapes', a pipeline directory or a hub id")
     _check(config.reward.strip() != "", "reward must name a registered reward or module:function")
     _check(config.prompts.strip() != "", "prompts must name a prompt set, file:PATH or module:function")
     _check(config.num_epochs >= 1, f"num_epochs must be >= 1, got {config.num_epochs}")

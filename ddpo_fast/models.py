@@ -1,4 +1,5 @@
-"""Models: a tiny Stable-Diffusion-shaped pipeline built in code, or a real diffusers pipeline.
+"""Models: a tiny Stable-Diffusion-shaped pipeline built in code, the pretrained `shapes` model shipped
+with the package, or a real diffusers pipeline.
 
 `model=tiny` builds a UNet2DConditionModel, an AutoencoderKL (8x spatial downsampling, 4 latent
 channels, like SD), a CLIP text encoder and a CLIP tokenizer whose vocabulary is generated here
@@ -173,7 +174,24 @@ def build_sd15_random_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline
     )
 
 
-BUILT_IN_MODELS = {"tiny": build_tiny_pipeline, "sd15-random": build_sd15_random_pipeline}
+# The pretrained shapes model, shipped as package data (made by `python -m ddpo_fast.pretrain_shapes`).
+SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "shapes"
+
+
+def load_shapes_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
+    """The built-in pretrained `shapes` model (64x64 scenes of coloured shapes; see ddpo_fast.shapes).
+    Its weights are trained, so `seed` does not change them."""
+    if not (SHAPES_DIR / "model_index.json").is_file():
+        raise ValueError(f"model='shapes': the packaged weights are missing ({SHAPES_DIR}); reinstall ddpo_fast, "
+                         "or make them with python -m ddpo_fast.pretrain_shapes --out DIR and pass model=DIR")
+    pipe = StableDiffusionPipeline.from_pretrained(SHAPES_DIR, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+BUILT_IN_MODELS = {
+    "tiny": build_tiny_pipeline, "shapes": load_shapes_pipeline, "sd15-random": build_sd15_random_pipeline,
+}
 
 
 def check_model_source(model: str) -> None:
@@ -199,7 +217,7 @@ def check_model_source(model: str) -> None:
 
 
 def load_pipeline(model: str, seed: int = TINY_SEED) -> StableDiffusionPipeline:
-    """A built-in model (`tiny`, `sd15-random`), a local diffusers pipeline directory, or a hub id
+    """A built-in model (`tiny`, `shapes`, `sd15-random`), a local diffusers pipeline directory, or a hub id
     (loaded with from_pretrained).
 
     The scheduler is always a DDIMScheduler built from the pipeline's scheduler config.
