@@ -204,6 +204,29 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
         "per_prompt_stat_tracking.buffer_size": 16,
         "per_prompt_stat_tracking.min_count": 4,
     },
+    # The pretrained shapes model on its judge, about 6 minutes on one CPU core. One optimizer step per
+    # epoch of 64 samples (so every PPO ratio is 1 and the clip never binds) at lr 1e-4: in probes lr
+    # 3e-4 pulled the samples towards blue smears within 10 epochs (reward 0.64 -> 0.41) and 3e-5 did
+    # not move (see BENCHMARKS.md: neither this one shows a clear rise yet).
+    "shapes-alignment": {
+        "model": "shapes",
+        "reward": "shapes_alignment",
+        "prompts": "shapes",
+        "num_epochs": 15,
+        "save_freq": 5,
+        "sample.num_steps": 20,
+        "sample.guidance_scale": 3.0,
+        "sample.batch_size": 16,
+        "sample.num_batches_per_epoch": 4,
+        "train.batch_size": 16,
+        "train.gradient_accumulation_steps": 4,
+        "train.learning_rate": 1e-4,
+        "train.timestep_fraction": 0.5,
+        "train.clip_range": 1e-3,
+        "train.num_inner_epochs": 1,
+        "per_prompt_stat_tracking.buffer_size": 16,
+        "per_prompt_stat_tracking.min_count": 4,
+    },
     "compressibility": {
         "model": "runwayml/stable-diffusion-v1-5",
         "reward": "jpeg_compressibility",
