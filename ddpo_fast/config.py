@@ -120,11 +120,13 @@ class WandbConfig:
 
 @dataclass
 class Config:
-    model: str = opt("tiny", "`tiny` (built-in, random weights), `sd15-random` (Stable Diffusion 1.5's shapes, "
-                             "random weights: for throughput and memory measurements), a diffusers pipeline "
-                             "directory, or a hub id")
+    model: str = opt("tiny", "`tiny` (built-in, random weights), `shapes` (built-in, pretrained on 64x64 scenes "
+                             "of coloured shapes: pair it with `prompts=shapes`), `sd15-random` (Stable Diffusion "
+                             "1.5's shapes, random weights: for throughput and memory measurements), a diffusers "
+                             "pipeline directory, or a hub id")
     reward: str = opt("jpeg_compressibility", "`jpeg_compressibility`, `jpeg_incompressibility` (JPEG quality 95, "
-                                              "size in kB), `aesthetic`, `llava_bertscore`, `pickscore`, `clipscore`, "
+                                              "size in kB), `aesthetic`, `llava_bertscore`, `shapes_alignment` (a "
+                                              "programmatic judge of the `shapes` prompts), `pickscore`, `clipscore`, "
                                               "`hpsv2`, `imagereward`, `module:function`, or a weighted sum "
                                               "`pickscore:1.0,aesthetic:0.5` (see Rewards)")
     reward_options: str = opt("", "options of the reward, `key=value,key=value` (e.g. `clip_model=DIR,mlp_weights=FILE`)")
@@ -135,8 +137,9 @@ class Config:
                                  "reward server (see Serving a reward)")
     reward_timeout: float = opt(600.0, "seconds a reward server request may take before the run stops with an error "
                                        "(not retried; a refused connection is retried twice first)")
-    prompts: str = opt("simple_animals", "`simple_animals`, `common_animals` (45), `animal_activities`, `file:PATH` "
-                                         "(one per line), or `module:function`")
+    prompts: str = opt("simple_animals", "`simple_animals`, `common_animals` (45), `animal_activities`, `shapes` "
+                                         "(captions of the shapes model), `shapes_heldout` (colour-shape pairs "
+                                         "`shapes` never asks for), `file:PATH` (one per line), or `module:function`")
     seed: int = opt(0, "every random choice derives from (seed, epoch, batch, rank)")
     num_epochs: int = opt(100, "epochs of the run (raise it on `--resume` to train on)")
     save_freq: int = opt(1, "epochs between sample grids")
@@ -229,6 +232,29 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
         "train.learning_rate": 1e-3,
         "train.timestep_fraction": 1.0,
         "train.clip_range": 1e-2,
+        "train.num_inner_epochs": 1,
+        "per_prompt_stat_tracking.buffer_size": 16,
+        "per_prompt_stat_tracking.min_count": 4,
+    },
+    # The pretrained shapes model on its judge, about 6 minutes on one CPU core. One optimizer step per
+    # epoch of 64 samples (so every PPO ratio is 1 and the clip never binds) at lr 1e-4: in probes lr
+    # 3e-4 pulled the samples towards blue smears within 10 epochs (reward 0.64 -> 0.41) and 3e-5 did
+    # not move (see BENCHMARKS.md: neither this one shows a clear rise yet).
+    "shapes-alignment": {
+        "model": "shapes",
+        "reward": "shapes_alignment",
+        "prompts": "shapes",
+        "num_epochs": 15,
+        "save_freq": 5,
+        "sample.num_steps": 20,
+        "sample.guidance_scale": 3.0,
+        "sample.batch_size": 16,
+        "sample.num_batches_per_epoch": 4,
+        "train.batch_size": 16,
+        "train.gradient_accumulation_steps": 4,
+        "train.learning_rate": 1e-4,
+        "train.timestep_fraction": 0.5,
+        "train.clip_range": 1e-3,
         "train.num_inner_epochs": 1,
         "per_prompt_stat_tracking.buffer_size": 16,
         "per_prompt_stat_tracking.min_count": 4,
@@ -498,7 +524,7 @@ def _is_server_url(value: str) -> bool:
 def validate(config: Config, world_size: int = 1) -> Config:
     """Checks every value and the batch-size arithmetic; raises ConfigError naming the key."""
     s, t, st = config.sample, config.train, config.per_prompt_stat_tracking
-    _check(config.model.strip() != "", "model must be 'tiny', a pipeline directory or a hub id")
+    _check(config.model.strip() != "", "model must be 'tiny', 'shapes', a pipeline directory or a hub id")
     _check(config.reward.strip() != "", "reward must name a registered reward or module:function")
     _check(config.prompts.strip() != "", "prompts must name a prompt set, file:PATH or module:function")
     _check(config.num_epochs >= 1, f"num_epochs must be >= 1, got {config.num_epochs}")

@@ -1,4 +1,5 @@
-"""Models: a tiny Stable-Diffusion-shaped pipeline built in code, or a real diffusers pipeline.
+"""Models: a tiny Stable-Diffusion-shaped pipeline built in code, the pretrained `shapes` model shipped
+with the package, or a real diffusers pipeline.
 
 `model=tiny` builds a UNet2DConditionModel, an AutoencoderKL (8x spatial downsampling, 4 latent
 channels, like SD), a CLIP text encoder and a CLIP tokenizer whose vocabulary is generated here
@@ -16,10 +17,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ddpo_fast.prompts import all_prompt_words
+from ddpo_fast.shapes import caption_words as shape_caption_words
 
 TINY_RESOLUTION = 64  # pixels; latents are 4 x 8 x 8
 TINY_MAX_LENGTH = 16  # tokens per prompt
 TINY_SEED = 1234
+SHAPES_MAX_LENGTH = 16  # tokens per prompt of the shapes model (its captions need at most 9)
 
 
 def scheduler_config() -> dict:
@@ -30,12 +33,17 @@ def scheduler_config() -> dict:
     )
 
 
-def tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> CLIPTokenizer:
+def code_tokenizer(words: list[str], max_length: int, *, merge_from_end: bool = False) -> CLIPTokenizer:
     """A CLIP BPE tokenizer with a vocabulary generated in code.
 
     Tokens: the two specials, every printable character alone and as a word end (`c</w>`), and every
-    word of the built-in prompt sets, reached through left-to-right merges. Any other word falls
-    back to characters, so every ASCII prompt tokenizes.
+    word of `words`, reached through a chain of merges. Any other word falls back to characters, so
+    every ASCII prompt tokenizes.
+
+    Left-to-right chains (`c`+`a`, `ca`+`t</w>`) can break a word: BPE applies the lowest-ranked pair
+    anywhere in it, so "squares" becomes `squa re s</w>` once "red" has ranked `r`+`e` first. Chains
+    from the end (`t`+`s</w>`, then `a`+`ts</w>`) cannot: every merge joins a word-end token, which a
+    word holds only at its end, so every listed word is one token (`merge_from_end=True`).
     """
     chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation]
     vocab: dict[str, int] = {}
@@ -48,8 +56,17 @@ def tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> CLIPTokenizer:
     for c in chars:
         add(c + "</w>")
     merges: list[str] = []
-    for word in all_prompt_words():
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        if merge_from_end:
+            merged = pieces[-1]
+            for piece in reversed(pieces[:-1]):
+                merge = (piece, merged)
+                if merge not in merges:
+                    merges.append(merge)
+                merged = piece + merged
+                add(merged)
+            continue
         merged = pieces[0]
         for piece in pieces[1:]:
             merge = (merged, piece)
@@ -60,6 +77,18 @@ def tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> CLIPTokenizer:
     add("<|startoftext|>")
     add("<|endoftext|>")
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> CLIPTokenizer:
+    """The tiny model's tokenizer: one token per word of the built-in prompt sets (the shapes words
+    are not among them: adding them would change the tiny model's seeded random weights)."""
+    return code_tokenizer(all_prompt_words(), max_length)
+
+
+def shapes_tokenizer() -> CLIPTokenizer:
+    """The shapes model's tokenizer: every caption word of the shapes data set is one token, so the
+    longest caption ("three red circles and a blue square") is 9 tokens of the 16."""
+    return code_tokenizer(shape_caption_words(), SHAPES_MAX_LENGTH, merge_from_end=True)
 
 
 def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
@@ -145,7 +174,24 @@ def build_sd15_random_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline
     )
 
 
-BUILT_IN_MODELS = {"tiny": build_tiny_pipeline, "sd15-random": build_sd15_random_pipeline}
+# The pretrained shapes model, shipped as package data (made by `python -m ddpo_fast.pretrain_shapes`).
+SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "shapes"
+
+
+def load_shapes_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
+    """The built-in pretrained `shapes` model (64x64 scenes of coloured shapes; see ddpo_fast.shapes).
+    Its weights are trained, so `seed` does not change them."""
+    if not (SHAPES_DIR / "model_index.json").is_file():
+        raise ValueError(f"model='shapes': the packaged weights are missing ({SHAPES_DIR}); reinstall ddpo_fast, "
+                         "or make them with python -m ddpo_fast.pretrain_shapes --out DIR and pass model=DIR")
+    pipe = StableDiffusionPipeline.from_pretrained(SHAPES_DIR, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+BUILT_IN_MODELS = {
+    "tiny": build_tiny_pipeline, "shapes": load_shapes_pipeline, "sd15-random": build_sd15_random_pipeline,
+}
 
 
 def check_model_source(model: str) -> None:
@@ -171,7 +217,7 @@ def check_model_source(model: str) -> None:
 
 
 def load_pipeline(model: str, seed: int = TINY_SEED) -> StableDiffusionPipeline:
-    """A built-in model (`tiny`, `sd15-random`), a local diffusers pipeline directory, or a hub id
+    """A built-in model (`tiny`, `shapes`, `sd15-random`), a local diffusers pipeline directory, or a hub id
     (loaded with from_pretrained).
 
     The scheduler is always a DDIMScheduler built from the pipeline's scheduler config.

@@ -10,6 +10,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from ddpo_fast import shapes as _shapes
+
 PromptFn = Callable[[random.Random], tuple[str, dict]]
 
 # A small set for quick runs and the tiny model.
@@ -44,15 +46,40 @@ def animal_activities(rng: random.Random) -> tuple[str, dict]:
     return f"{_article(animal)} {animal} {activity}", {"animal": animal, "activity": activity}
 
 
+# The shapes model's captions. Held out from `shapes` (for generalisation, as the paper's unseen
+# animals): every scene with one of these colour-shape pairs. The pretraining data has them all, so
+# the held-out set asks whether what RL teaches (counting, colours) carries over to pairs it never saw.
+HELD_OUT_PAIRS = (("green", "triangle"), ("yellow", "circle"), ("red", "square"))
+
+
+def _shape_captions(held_out: bool, groups: int) -> list[str]:
+    return [_shapes.caption(scene) for scene in _shapes.all_scenes()
+            if len(scene) == groups and any((g.colour, g.shape) in HELD_OUT_PAIRS for g in scene) == held_out]
+
+
+def _shapes_fn(held_out: bool) -> PromptFn:
+    """Half one-group captions ("three red circles"), half two-group ones, as in the pretraining data
+    (two-group captions are ten times as many)."""
+    by_groups = {1: _shape_captions(held_out, 1), 2: _shape_captions(held_out, 2)}
+
+    def fn(rng: random.Random) -> tuple[str, dict]:
+        groups = 1 if rng.random() < 0.5 else 2
+        return rng.choice(by_groups[groups]), {}
+    return fn
+
+
 PROMPT_SETS: dict[str, PromptFn] = {
     "simple_animals": _choice_fn(SIMPLE_ANIMALS),
     "common_animals": _choice_fn(COMMON_ANIMALS),
     "animal_activities": animal_activities,
+    "shapes": _shapes_fn(held_out=False),
+    "shapes_heldout": _shapes_fn(held_out=True),
 }
 
 
 def all_prompt_words() -> list[str]:
-    """Every word of the built-in sets (the tiny tokenizer gives each one a token)."""
+    """Every word of the animal sets (the tiny tokenizer gives each one a token; the shapes model's
+    tokenizer has its own words, `shapes.caption_words`)."""
     words = set(COMMON_ANIMALS) | set(SIMPLE_ANIMALS) | set(ACTIVITY_ANIMALS) | {"a", "an"}
     for activity in ACTIVITIES:
         words.update(activity.split())

@@ -5,7 +5,8 @@ import torch
 pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from ddpo_fast.models import build_tiny_pipeline, encode_prompts, load_pipeline, tiny_tokenizer
+from ddpo_fast import shapes
+from ddpo_fast.models import build_tiny_pipeline, encode_prompts, load_pipeline, shapes_tokenizer, tiny_tokenizer
 
 
 def test_tiny_tokenizer_vocabulary_built_in_code():
@@ -14,6 +15,18 @@ def test_tiny_tokenizer_vocabulary_built_in_code():
     assert tok.tokenize("xq") == ["x", "q</w>"]  # any other word falls back to characters
     ids = tok("cat", padding="max_length", max_length=tok.model_max_length).input_ids
     assert ids[0] == tok.bos_token_id and ids[2] == tok.eos_token_id and len(ids) == tok.model_max_length
+
+
+def test_shapes_tokenizer_gives_every_caption_word_a_token():
+    tok = shapes_tokenizer()
+    for word in shapes.caption_words():  # left-to-right merges broke "squares" into squa|re|s
+        assert tok.tokenize(word) == [word + "</w>"]
+    longest = max((shapes.caption(s) for s in shapes.all_scenes()), key=lambda c: len(c.split()))
+    ids = tok(longest, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+    words = longest.split()
+    assert len(words) == 7 and ids[1:8] == tok.convert_tokens_to_ids([w + "</w>" for w in words])  # nothing cut
+    assert ids[8] == tok.eos_token_id
+    assert tok.tokenize("xq") == ["x", "q</w>"]  # other words still tokenize
 
 
 def test_tiny_pipeline_is_seeded():

@@ -12,8 +12,9 @@ per image (e.g. the VLM's answers: saved beside the sample grids, split per requ
 server); any other value is about the batch, and is logged when it is a number.
 
 The reward spec given to `build` (the trainer's `reward=`) is one of:
-  - a registered name: jpeg_compressibility, jpeg_incompressibility, aesthetic, llava_bertscore, and the
-    human-preference scores pickscore, clipscore, hpsv2, imagereward;
+  - a registered name: jpeg_compressibility, jpeg_incompressibility, aesthetic, llava_bertscore,
+    shapes_alignment (a programmatic judge for the `shapes` model's prompts), and the human-preference
+    scores pickscore, clipscore, hpsv2, imagereward;
   - module:function, a user reward function (it takes no options);
   - a weighted sum `NAME:WEIGHT,NAME:WEIGHT,...` (a missing weight is 1), e.g.
     `aesthetic:1.0,jpeg_compressibility:0.1`; each component's mean reward is logged in info under
@@ -43,6 +44,7 @@ from ddpo_fast.rewards import hpsv2 as _hpsv2
 from ddpo_fast.rewards import imagereward as _imagereward
 from ddpo_fast.rewards import pickscore as _pickscore
 from ddpo_fast.rewards.jpeg import JPEG_QUALITY, jpeg_compressibility, jpeg_incompressibility, jpeg_sizes_kb
+from ddpo_fast.rewards.shapes_alignment import shapes_alignment
 
 __all__ = ["JPEG_QUALITY", "REWARDS", "RewardError", "RewardPool", "build", "check", "jpeg_compressibility",
            "jpeg_incompressibility", "jpeg_sizes_kb", "parse_options", "register_builder", "register_reward"]
@@ -81,6 +83,7 @@ def register_builder(name: str, options: Callable[..., dict], make: Callable[...
 
 register_reward("jpeg_compressibility")(jpeg_compressibility)
 register_reward("jpeg_incompressibility")(jpeg_incompressibility)
+register_reward("shapes_alignment")(shapes_alignment)
 register_builder("aesthetic", _aesthetic.aesthetic_options, _aesthetic.AestheticReward)
 register_builder("llava_bertscore", _alignment.llava_bertscore_options, _alignment.LlavaBertScoreReward)
 register_builder("pickscore", _pickscore.pickscore_options, _pickscore.PickScoreReward)
