@@ -4,21 +4,9 @@
 #include <string>
 
 #include "flow_core.h"
+#include "require.h"
 
 namespace ddpo {
-namespace {
-
-void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
-}
-
-void require_pointer(uintptr_t p, const char* name) { require(p != 0, std::string(name) + " must not be null"); }
-
-void require_dtype(int32_t dtype, const char* name) {
-  require(dtype >= kFloat32 && dtype <= kFloat64, std::string(name) + " has an unknown dtype code " + std::to_string(dtype));
-}
-
-}  // namespace
 
 void validate_flow_args(const FlowArgs& a, bool backward) {
   require(a.compute == kFloat32 || a.compute == kFloat64, "compute dtype must be float32 or float64");

@@ -28,7 +28,7 @@ from torch import Tensor
 from ddpo_fast import flow_reference, reference
 from ddpo_fast.backends import DTYPE_CODES, _C, resolve_backend
 from ddpo_fast.ops import (_check_float64_consistency, _check_latents, _check_number, _check_ppo_inputs,
-                           _check_same_device, _check_step_sources, _check_tensor, _flat, _per_sample_alphas,
+                           _check_prev_sample, _check_step_sources, _check_tensor, _flat, _per_sample_alphas,
                            _randn_like_diffusers, _reject_grad)
 
 __all__ = ["flow_sde_step_with_logprob", "flow_sde_step_logprob", "flow_sde_ppo_loss", "scheduler_sigmas",
@@ -352,13 +352,6 @@ def _check_sigma_values(sigma: Tensor, sigma_prev: Tensor, sde_type: str, sigma_
     torch._assert_async(((sigma_prev >= 0) & (sigma_prev < sigma)).all(), "sigma_prev must lie in [0, sigma)")
     if needs_max:
         torch._assert_async((sigma < 1).all(), "sigma_max must be given where sigma == 1 (sde_type='sde')")
-
-
-def _check_prev_sample(prev_sample: Tensor, sample: Tensor) -> None:
-    _check_tensor("prev_sample", prev_sample)
-    if prev_sample.shape != sample.shape:
-        raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
-    _check_same_device("sample", sample, prev_sample=prev_sample)
 
 
 # ---- Public API --------------------------------------------------------------------------------

@@ -165,15 +165,19 @@ def _check_seed(name: str, value) -> int:
     return value
 
 
+def _check_prev_sample(prev_sample: Tensor, sample: Tensor, *, contiguous: bool = True) -> None:
+    _check_tensor("prev_sample", prev_sample, contiguous=contiguous)
+    if prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
+    _check_same_device("sample", sample, prev_sample=prev_sample)
+
+
 def _check_step_sources(sample: Tensor, prev_sample, noise, seed, offset, out_dtype):
     """What a low-level step samples from or scores (shared by the DDIM and flow SDE steps): a given
     prev_sample, or noise from a tensor or from (seed, offset); returns (seed, offset, out_dtype), a
     fresh seed when none is given."""
     if prev_sample is not None:
-        _check_tensor("prev_sample", prev_sample)
-        if prev_sample.shape != sample.shape:
-            raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
-        _check_same_device("sample", sample, prev_sample=prev_sample)
+        _check_prev_sample(prev_sample, sample)
         for name, value in (("noise", noise), ("seed", seed), ("out_dtype", out_dtype)):
             if value is not None:
                 raise ValueError(f"{name} cannot be combined with prev_sample (nothing is sampled)")
@@ -729,10 +733,7 @@ def ddim_ppo_loss(
     eta, guidance_scale, prediction_type, clip_sample_range = _check_policy(
         eta, guidance_scale, prediction_type, clip_sample_range)
     batch, _ = _check_latents(model_output, sample, guidance_scale)
-    _check_tensor("prev_sample", prev_sample)
-    if prev_sample.shape != sample.shape:
-        raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
-    _check_same_device("sample", sample, prev_sample=prev_sample)
+    _check_prev_sample(prev_sample, sample)
     clip_range, adv_clip_max = _check_ppo_inputs(sample, old_log_prob, advantages, clip_range, adv_clip_max, batch)
     alpha_t = _per_sample_alphas("alpha_prod_t", alpha_prod_t, batch, sample)
     alpha_prev = _per_sample_alphas("alpha_prod_t_prev", alpha_prod_t_prev, batch, sample)
@@ -998,10 +999,7 @@ def ddim_step_with_logprob(
         eta, guidance_scale, tables.prediction_type, tables.clip_sample_range)
     batch, _ = _check_latents(model_output, sample, guidance_scale)
     if prev_sample is not None:
-        _check_tensor("prev_sample", prev_sample, contiguous=False)
-        if prev_sample.shape != sample.shape:
-            raise ValueError(f"prev_sample must have sample's shape {tuple(sample.shape)}, got {tuple(prev_sample.shape)}")
-        _check_same_device("sample", sample, prev_sample=prev_sample)
+        _check_prev_sample(prev_sample, sample, contiguous=False)
         prev_sample = prev_sample.contiguous()
     _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample)
     _reject_grad("ddim_step_with_logprob", sample=sample)
