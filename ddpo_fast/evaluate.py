@@ -25,7 +25,7 @@ from ddpo_fast.models import encode_prompts, load_pipeline, place_pipeline
 from ddpo_fast.precision import Precision
 from ddpo_fast.rewards import build as build_reward
 from ddpo_fast.rewards import parse_options
-from ddpo_fast.sampling import decode_images, sample_batch
+from ddpo_fast.sampling import sample_images_per_seed
 
 DEFAULT_PROMPTS = ["cat", "dog", "horse", "a red car", "a house on a hill", "a bowl of fruit"]
 
@@ -65,14 +65,10 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], config: cfg.Config
     rows = []
     for first in range(0, len(prompts), batch_size):
         embeds = encode_prompts(pipe, prompts[first:first + batch_size], device)
-        by_seed = []
-        for seed in seeds:
-            _, final = sample_batch(pipe.unet, pipe.scheduler, embeds, negative,
-                                    latent_shape=(pipe.unet.config.in_channels, size, size), eta=s.eta,
-                                    guidance_scale=s.guidance_scale, num_train_timesteps=1, seed=seed,
-                                    storage_dtype=precision.dtype or torch.float32, precision=precision)
-            by_seed.append(decode_images(pipe.vae, final))
-        rows.append(torch.stack(by_seed, dim=1).flatten(0, 1))  # (prompts, seeds) -> prompt-major rows
+        rows.append(sample_images_per_seed(pipe.unet, pipe.scheduler, pipe.vae, embeds, negative, seeds,
+                                           latent_shape=(pipe.unet.config.in_channels, size, size), eta=s.eta,
+                                           guidance_scale=s.guidance_scale,
+                                           storage_dtype=precision.dtype or torch.float32, precision=precision))
     return torch.cat(rows)
 
 

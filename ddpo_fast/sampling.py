@@ -130,6 +130,22 @@ def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: 
 
 
 @torch.no_grad()
+def sample_images_per_seed(unet, scheduler, vae, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+                           seeds: list[int], *, latent_shape: tuple[int, int, int], eta: float, guidance_scale: float,
+                           storage_dtype: torch.dtype, precision: Precision = FP32) -> torch.Tensor:
+    """uint8 images of the prompts, one per (prompt, seed), prompt-major then seed: one batch of all
+    the prompts per seed, so a (prompts, seed) pair always gets the same noise (evaluations compare
+    models on it)."""
+    images = []
+    for seed in seeds:
+        _, final = sample_batch(unet, scheduler, prompt_embeds, negative_embeds, latent_shape=latent_shape, eta=eta,
+                                guidance_scale=guidance_scale, num_train_timesteps=1, seed=seed,
+                                storage_dtype=storage_dtype, precision=precision)
+        images.append(decode_images(vae, final))
+    return torch.stack(images, dim=1).flatten(0, 1)
+
+
+@torch.no_grad()
 def decode_images(vae, latents: torch.Tensor) -> torch.Tensor:
     """Final latents -> uint8 images (N, 3, H, W) on the CPU (the one host copy per batch)."""
     dtype = next(vae.parameters()).dtype

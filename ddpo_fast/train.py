@@ -53,7 +53,8 @@ from ddpo_fast.rewards.run import make_reward, reward_options
 from ddpo_fast.run_dir import (Resume, RunFinished, check_new_run, how_to_launch, plan_resume, start_new_run,
                                write_config)
 from ddpo_fast.run_logging import Logger, save_grid, save_samples
-from ddpo_fast.sampling import DTYPES, Trajectories, decode_images, derive_seed, sample_batch
+from ddpo_fast.sampling import (DTYPES, Trajectories, decode_images, derive_seed, sample_batch,
+                                sample_images_per_seed)
 
 
 class _StopSampling(Exception):
@@ -185,17 +186,13 @@ class Trainer:
         c = self.config
         prompts = [p.strip() for p in c.eval_prompts.split(",") if p.strip()] or DEFAULT_PROMPTS
         seeds = [int(x) for x in c.eval_seeds.split(",")]
-        images = []
         with (self.ema.swapped_in() if self.ema else contextlib.nullcontext()), self.engine.sampling_phase():
             self.engine.module.eval()
-            embeds = self.encode(prompts)
-            for seed in seeds:
-                _, final = sample_batch(self.engine.sampling_module, self.scheduler, embeds, self.negative_embeds,
-                                        latent_shape=self.latent_shape, eta=c.sample.eta,
-                                        guidance_scale=c.sample.guidance_scale, num_train_timesteps=1, seed=seed,
-                                        storage_dtype=self.storage_dtype, precision=self.precision)
-                images.append(decode_images(self.pipe.vae, final))
-        images = torch.stack(images, dim=1).flatten(0, 1)  # prompt-major, then seed
+            images = sample_images_per_seed(self.engine.sampling_module, self.scheduler, self.pipe.vae,
+                                            self.encode(prompts), self.negative_embeds, seeds,
+                                            latent_shape=self.latent_shape, eta=c.sample.eta,
+                                            guidance_scale=c.sample.guidance_scale, storage_dtype=self.storage_dtype,
+                                            precision=self.precision)
         all_prompts = [p for p in prompts for _ in seeds]
         rewards, _ = self.reward_pool.submit(images, all_prompts, [{} for _ in all_prompts]).result()
         rewards = rewards.double().numpy()

@@ -67,14 +67,16 @@ def test_attention_xformers_without_the_package_is_a_config_error(tmp_path, monk
 
 
 def test_evaluate_samples_on_the_device_in_batches_of_prompts(monkeypatch):
+    import ddpo_fast.sampling as sampling
+
     calls = []
-    original = evaluate.sample_batch
+    original = sampling.sample_batch
 
     def recording(unet, scheduler, embeds, *args, **kwargs):
         calls.append((embeds.shape[0], embeds.device, kwargs["precision"].mode, kwargs["seed"]))
         return original(unet, scheduler, embeds, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "sample_batch", recording)
+    monkeypatch.setattr(sampling, "sample_batch", recording)  # evaluate samples through sampling
     config = cfg.from_preset("tiny-compressibility", ["mixed_precision=bf16"])
     prompts, seeds = ["cat", "dog", "horse"], [0, 7]
     images = evaluate.sample_images(build_tiny_pipeline(), prompts, seeds, config, torch.device("cpu"), batch_size=2)
