@@ -35,7 +35,9 @@
 #
 # Optional steps (not run by default; each wants most of a call): bench (benchmarks/ops.py --device
 # cuda), rewards (the paper-size rewards), preference (pickscore, clipscore, hpsv2 and imagereward at
-# their published sizes: CLIP ViT-H/14, ViT-L/14, BLIP ViT-L/16 + BERT-base; not yet run on a GPU).
+# their published sizes: CLIP ViT-H/14, ViT-L/14, BLIP ViT-L/16 + BERT-base; not yet run on a GPU),
+# families (the SD3 path end to end: benchmarks/train.py --model sd35m-random, SD3.5-medium's shapes
+# with random weights, bf16, 512 px, the flow SDE step; then the tiny-sdxl and tiny-sd3 phase checks).
 #
 # How to run it with the device tool (one call):
 #   1. Here, once, from the project root: `../shared/device/prepare-wheels.sh` puts the wheels the GPU
@@ -68,7 +70,7 @@ for arg in "$@"; do
 done
 if [ "$DRY_RUN" = 1 ]; then OUT="${OUT:-/tmp/ddpo_gpu_suite_dry}"; else OUT="${OUT:-/tmp/ddpo_gpu_suite}"; fi
 mkdir -p "$OUT"
-rm -f "$OUT"/{build,test,sanitize,graph,kernelbw,e2e,bench,rewards,preference}.log "$OUT"/kernelbw.csv "$OUT"/summary.txt
+rm -f "$OUT"/{build,test,sanitize,graph,kernelbw,e2e,bench,rewards,preference,families}.log "$OUT"/kernelbw.csv "$OUT"/summary.txt
 PY="${PYTHON:-python3}"
 if [ -z "${PYTHON:-}" ] && [ "$DRY_RUN" = 1 ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 export PYTHONUNBUFFERED=1 DDPO_FAST_NO_PROGRESS=1
@@ -80,7 +82,7 @@ DEADLINE=$((SUITE_START + BUDGET))
 STATE=$(mktemp -d /tmp/ddpo_gpu_suite_state.XXXXXX)  # scratch: not under $OUT (8 files at most there)
 NOTE_FILE="$STATE/note"
 ENV_FILE="$STATE/env.txt"  # `module NAME ok|missing ...` and `fact KEY VALUE` lines from gpu_checks.py env
-TEST_PATHS=(tests/test_cuda.py tests/test_triton_device.py)
+TEST_PATHS=(tests/test_cuda.py tests/test_flow_cuda.py tests/test_triton_device.py)
 
 ALL_STEPS=(env build test sanitize graph kernelbw dropin e2e)
 if [ ${#ARGS[@]} -gt 0 ]; then STEPS=("${ARGS[@]}"); else STEPS=("${ALL_STEPS[@]}"); fi
@@ -88,12 +90,12 @@ if [ ${#ARGS[@]} -gt 0 ]; then STEPS=("${ARGS[@]}"); else STEPS=("${ALL_STEPS[@]
 # Per step: the most it may take (cap, s), and what it keeps for itself against earlier steps running
 # long (reserve, s): a step gets min(cap, time left - the reserves of the steps still to come).
 declare -A CAP=([env]=60 [build]=180 [test]=240 [sanitize]=150 [graph]=90 [kernelbw]=120 [dropin]=120 [e2e]=330
-                [bench]=300 [rewards]=560 [preference]=560)
+                [bench]=300 [rewards]=560 [preference]=560 [families]=560)
 declare -A RESERVE=([env]=10 [build]=40 [test]=60 [sanitize]=30 [graph]=15 [kernelbw]=30 [dropin]=20 [e2e]=150
-                    [bench]=60 [rewards]=60 [preference]=60)
+                    [bench]=60 [rewards]=60 [preference]=60 [families]=60)
 declare -A LOG=([env]=build.log [build]=build.log [test]=test.log [sanitize]=sanitize.log [graph]=graph.log
                 [kernelbw]=kernelbw.log [dropin]=kernelbw.log [e2e]=e2e.log [bench]=bench.log [rewards]=rewards.log
-                [preference]=preference.log)
+                [preference]=preference.log [families]=families.log)
 
 declare -a R_NAME=() R_STATUS=() R_SECS=() R_NOTE=() NO_TIME=()
 STEP_START=0 STEP_LEFT=0
@@ -372,6 +374,26 @@ step_preference() {
   return $rc
 }
 
+# The SD3 family end to end at SD3.5 medium's shapes (random weights, bf16, 512 px: Flow-GRPO's
+# resolution), then the phase consistency of the other families' tiny models with frozen weights.
+step_families() {
+  if ! module_ok diffusers; then
+    note "diffusers does not import ($WHEEL_NOTE)"
+    return 77
+  fi
+  local rc=0 name
+  t 420 "$PY" benchmarks/train.py --model sd35m-random --epochs 3 --skip-trl sample.resolution=512 \
+    --csv "$STATE/train_sd3.csv" || rc=$?
+  [ "$rc" -eq 0 ] && note "sd35m-random bf16 512px: $("$PY" benchmarks/gpu_checks.py train-summary \
+    "$STATE/train_sd3.csv" | sed -n 's/^SUMMARY //p')"
+  for name in tiny-sdxl tiny-sd3; do
+    t 90 "$PY" -m ddpo_fast.train --run-dir "$STATE/$name-bf16" model=$name num_epochs=2 sample.num_steps=8 \
+      train.learning_rate=1e-30 train.max_grad_norm=0 mixed_precision=bf16 reward_workers=1 || rc=$?
+    note "$name: $("$PY" benchmarks/gpu_checks.py phase "$STATE/$name-bf16" 2>&1 | tail -n 1)"
+  done
+  return $rc
+}
+
 # ---- Dry run: what each step needs exists (no GPU; commands, scripts, imports, the test selection) --
 
 DRY_FAILED=0
@@ -520,6 +542,14 @@ dry_rewards() {
   dry_end
 }
 
+dry_families() {
+  check "benchmarks/train.py --help (--model sd35m-random)" has_help "sd35m-random" "$PY" benchmarks/train.py
+  check "the families step's keys validate" "$PY" -c "from ddpo_fast import config as cfg
+for model in ('sd35m-random', 'tiny-sdxl', 'tiny-sd3'):
+    cfg.validate(cfg.from_preset(cfg.DEFAULT_PRESET, ['model=' + model, 'sample.resolution=512', 'mixed_precision=bf16']))"
+  dry_end
+}
+
 dry_preference() {
   check "benchmarks/rewards.py --help" has_help "--full-size --rewards" "$PY" benchmarks/rewards.py
   dry_end
@@ -532,7 +562,7 @@ for step in "${STEPS[@]}"; do
   if [ -n "${CAP[$step]:-}" ]; then
     run_step "$step"
   else
-    echo "unknown step '$step' (steps: ${ALL_STEPS[*]} bench rewards preference)"
+    echo "unknown step '$step' (steps: ${ALL_STEPS[*]} bench rewards preference families)"
     R_NAME+=("$step"); R_STATUS+=("FAIL"); R_SECS+=(0); R_NOTE+=("unknown step")
   fi
 done

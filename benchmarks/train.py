@@ -3,6 +3,7 @@ baseline of the same algorithm) on the same saved tiny pipeline and the same con
 
     python benchmarks/train.py [--epochs 3] [--with-compile] [--csv benchmarks/results/train.csv] [key=value ...]
     python benchmarks/train.py --model sd15-random --epochs 3 --skip-trl   # on a GPU (bf16 there by default)
+    python benchmarks/train.py --model tiny-sd3 --epochs 3                  # other families: ddpo_fast only
 
 Defaults: the issue's bar config (20 DDIM steps, CFG 5, 32 samples per epoch, full finetune,
 JPEG compressibility). Each trainer runs in its own subprocess (clean peak memory); the first epoch
@@ -10,12 +11,14 @@ is a warm-up (torch.compile's compilation too, with --with-compile) and samples/
 others. `--with-compile` adds a row for ddpo_fast with compile=true. Peak memory: max RSS on CPU, max allocated on
 CUDA.
 
-Model FLOP utilisation: the UNet's FLOPs per sample of an epoch (forwards while sampling, twice
+Model FLOP utilisation: the denoiser's FLOPs per sample of an epoch (forwards while sampling, twice
 with CFG; forward + backward, counted as 3 forwards, for each trained step; counted with
 FlopCounterMode on meta tensors, ~0.80 TFLOP per SD-1.5 forward at 64x64 latents) times samples/s,
 over the device's measured matmul throughput in the run's dtype (a large matrix product).
 `--model sd15-random` runs ddpo_fast alone on the SD-1.5-shaped pipeline with random weights
-(trl's trainer needs a saved pipeline directory: 4 GB at that size).
+(trl's trainer needs a saved pipeline directory: 4 GB at that size). `--model tiny-sdxl` and
+`--model tiny-sd3` run ddpo_fast alone (trl trains SD 1.x/2.x only) on the other families' tiny
+models, saved to a directory and loaded back as a user's model would be.
 """
 from __future__ import annotations
 
@@ -53,26 +56,20 @@ def bar_config(overrides: list[str]):
     return cfg.validate(cfg.from_preset("tiny-compressibility", [*BAR, *overrides]))
 
 
-def unet_flops_per_sample(model: str, overrides: list[str]) -> float:
-    """UNet FLOPs per sample of one epoch: sampling forwards plus 3x forward per trained step."""
+def denoiser_flops_per_sample(model: str, overrides: list[str]) -> float:
+    """Denoiser FLOPs per sample of one epoch: sampling forwards plus 3x forward per trained step."""
     import torch
-    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ddpo_fast import models
+    from ddpo_fast.models import load_model
+    from ddpo_fast.precision import FP32
 
     c = bar_config(overrides)
-    if model == "sd15-random":
-        unet_config, tokens = models.SD15_UNET, models.SD15_MAX_LENGTH
-    else:
-        unet_config, tokens = models.build_tiny_pipeline().unet.config, models.TINY_MAX_LENGTH
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        size = unet.config.sample_size
-        latents = torch.empty(1, unet.config.in_channels, size, size)
-        embeds = torch.empty(1, tokens, unet.config.cross_attention_dim)
-        with FlopCounterMode(display=False) as counter:
-            unet(latents, torch.tensor([500]), encoder_hidden_states=embeds)
+    with torch.device("meta"):  # the model's shapes only: no weights are made
+        family = load_model(model, resolution=c.sample.resolution)
+        latents, cond = torch.empty(1, *family.latent_shape), family.encode([""], "meta")
+        with FlopCounterMode(display=False) as counter:  # the denoiser alone, not the text encoders
+            family.denoise(family.denoiser, latents, torch.tensor([500.0]), cond, None, FP32)
     forward = counter.get_total_flops()
     sample_rows = 2 if c.use_cfg else 1
     train_rows = 2 if c.use_cfg and c.train.cfg else 1
@@ -199,8 +196,9 @@ def main() -> int:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--skip-trl", action="store_true", help="measure ddpo_fast only")
     parser.add_argument("--with-compile", action="store_true", help="also measure ddpo_fast with compile=true")
-    parser.add_argument("--model", choices=["tiny", "sd15-random"], default="tiny",
-                        help="built-in model (sd15-random: SD-1.5 shapes, random weights; ddpo_fast only)")
+    parser.add_argument("--model", choices=["tiny", "tiny-sdxl", "tiny-sd3", "sd15-random", "sd35m-random"],
+                        default="tiny", help="built-in model (sd15-random, sd35m-random: SD-1.5's and SD-3.5-medium's "
+                                             "shapes, random weights; all but tiny: ddpo_fast only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     if args.only:  # child process: one trainer, result as JSON on the last line
@@ -208,11 +206,11 @@ def main() -> int:
         print(json.dumps(fn(args.model_dir, args.overrides, args.epochs)))
         return 0
 
-    from ddpo_fast.models import build_tiny_pipeline
+    from ddpo_fast.models import BUILT_IN_MODELS
 
-    if args.model == "tiny":
-        model_dir = tempfile.mkdtemp(prefix="bench-tiny-")
-        build_tiny_pipeline().save_pretrained(model_dir)
+    if args.model.startswith("tiny"):
+        model_dir = tempfile.mkdtemp(prefix=f"bench-{args.model}-")
+        BUILT_IN_MODELS[args.model]().save_pretrained(model_dir)
     else:
         model_dir = args.model  # built in the trainer's process
     rows = []
@@ -227,10 +225,10 @@ def main() -> int:
             return 1
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     config = " ".join([*BAR, *args.overrides])
-    flops_per_sample = unet_flops_per_sample(args.model, args.overrides)
+    flops_per_sample = denoiser_flops_per_sample(args.model, args.overrides)
     peak = matmul_peak_flops(resolved_precision(args.overrides))
     print(f"model: {args.model}; config: {config}; epochs {args.epochs} (first one is warm-up)")
-    print(f"UNet {flops_per_sample / 1e12:.4f} TFLOP per sample; measured matmul peak {peak / 1e12:.2f} TFLOP/s")
+    print(f"denoiser {flops_per_sample / 1e12:.4f} TFLOP per sample; measured matmul peak {peak / 1e12:.2f} TFLOP/s")
     print(f"{'trainer':<26}{'samples/s':>12}{'peak MB':>10}{'vs trl':>9}{'MFU':>8}{'first epoch s':>15}"
           f"{'reward first':>14}{'reward last':>13}")
     base = rows[-1]["samples_per_s"] if rows[-1]["trainer"].startswith("trl") else None

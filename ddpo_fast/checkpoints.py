@@ -56,19 +56,18 @@ def save_checkpoint(run_dir: Path, epoch: int, engine, state: dict, limit: int, 
     return final
 
 
-def save_final_model(pipe, unet, config: cfg.Config, run_dir: Path) -> Path:
-    """The finetuned UNet in diffusers format (run_dir/unet), or LoRA weights (run_dir/lora)."""
+def save_final_model(model, denoiser, config: cfg.Config, run_dir: Path) -> Path:
+    """The finetuned denoiser in diffusers format (run_dir/unet, run_dir/transformer for SD3), or LoRA
+    weights (run_dir/lora) that the family's pipeline loads with load_lora_weights."""
     if config.use_lora:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         out = run_dir / "lora"
-        StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
+        model.save_lora(out, convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser)))
     else:
-        out = run_dir / "unet"
-        unet.save_pretrained(str(out))
+        out = run_dir / model.denoiser_name
+        denoiser.save_pretrained(str(out))
     _default_permissions(out)
     return out
 

@@ -43,10 +43,15 @@ def section(cls):
 
 @dataclass
 class SampleConfig:
-    num_steps: int = opt(50, "DDIM steps")
+    num_steps: int = opt(50, "sampling steps (DDIM, or the SD3 family's flow SDE steps)")
     eta: float = opt(1.0, "DDIM eta, in (0, 1]: the policy's noise scale (0 would be a deterministic sampler with "
-                          "no log-probability)")
+                          "no log-probability); SD and SDXL")
+    noise_level: float = opt(0.7, "the SDE step's noise level (Flow-GRPO's eta), > 0; SD3 family")
+    sde_type: str = opt("sde", "the SDE step: `sde` (Flow-GRPO) or `cps` (its coefficients-preserving variant, "
+                               "noise_level <= 1); SD3 family")
     guidance_scale: float = opt(5.0, "classifier-free guidance (<= 1: off)")
+    resolution: int = opt(0, "image height and width in pixels; 0: the model's own (SD 1.5: 512, SDXL and SD3.5: "
+                             "1024; the tiny models: 64)")
     batch_size: int = opt(8, "per rank")
     num_batches_per_epoch: int = opt(4, "per rank")
     storage_dtype: str = opt("auto", "trajectory buffer dtype: `fp32`, `fp16`, `bf16`; `auto` = the mixed-precision "
@@ -100,7 +105,8 @@ class StatTrackingConfig:
 class LoraConfig:
     rank: int = opt(4, "LoRA rank")
     alpha: float = opt(4.0, "LoRA alpha")
-    target_modules: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated module names LoRA adapts")
+    target_modules: str = opt("auto", "comma-separated module names LoRA adapts; `auto`: the model family's (SD and "
+                                      "SDXL: `to_q,to_k,to_v,to_out.0`; SD3: Flow-GRPO's, both attention streams)")
 
 
 @dataclass
@@ -148,13 +154,13 @@ class Config:
     num_checkpoint_limit: int = opt(3, "checkpoints kept")
     max_nonfinite_epochs: int = opt(3, "stop with an error after this many consecutive epochs in which no reward "
                                        "was finite")
-    use_lora: bool = opt(False, "LoRA through peft instead of the full UNet")
+    use_lora: bool = opt(False, "LoRA through peft instead of the whole denoiser (UNet or transformer)")
     mixed_precision: str = opt("auto", "`auto` (bf16 on a GPU, fp32 on a CPU), `no`, `bf16`, `fp16` (fp16 needs "
                                        "DeepSpeed's loss scaler: `engine=deepspeed`). The frozen VAE and text encoder "
                                        "run in this dtype too")
     attention: str = opt("sdpa", "`sdpa` (PyTorch's `scaled_dot_product_attention`: flash / memory-efficient kernels "
                                  "on a GPU) or `xformers` (needs the package)")
-    compile: bool = opt(False, "`torch.compile` the UNet for sampling (with CUDA graphs on a GPU) and for training; "
+    compile: bool = opt(False, "`torch.compile` the denoiser for sampling (with CUDA graphs on a GPU) and for training; "
                                "see Performance on GPUs")
     zero_stage: int = opt(1, "DeepSpeed ZeRO stage (0-3); 1 reduces the gradient once per optimizer step (see "
                              "Several GPUs)")
@@ -293,9 +299,60 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
         "train.gradient_accumulation_steps": 4,
         "per_prompt_stat_tracking.buffer_size": 32,
     },
+    # DDPO's aesthetic task on SDXL base at its own 1024 px, LoRA (SDXL's UNet has 2.6B parameters);
+    # the aesthetic preset's samples per optimizer step. model=DIR for a local copy.
+    "sdxl-aesthetic": {
+        "model": "stabilityai/stable-diffusion-xl-base-1.0",
+        "reward": "aesthetic",
+        "prompts": "simple_animals",
+        "num_epochs": 200,
+        "use_lora": True,
+        "sample.batch_size": 4,
+        "sample.num_batches_per_epoch": 8,
+        "train.batch_size": 2,
+        "train.gradient_accumulation_steps": 8,
+    },
+    # Flow-GRPO on SD3.5 medium (yifan123/flow_grpo, config/grpo.py pickscore_sd3): 10 SDE steps at
+    # noise level 0.7, CFG 4.5, 512 px, groups of 24 samples of a prompt normalised with the std of the
+    # whole batch, the first 9 steps trained, KL to the starting model 0.01, LoRA r32 / alpha 64,
+    # EMA 0.9 every 8 optimizer steps, two optimizer steps per epoch. Samples per epoch here: 48 per
+    # rank (2 prompts on one GPU; Flow-GRPO used 48 prompts on 32 GPUs). model=DIR for a local copy.
+    "sd3-pickscore": {
+        "model": "stabilityai/stable-diffusion-3.5-medium",
+        "reward": "pickscore",
+        "prompts": "animal_activities",
+        "num_epochs": 1000,
+        "use_lora": True,
+        "lora.rank": 32,
+        "lora.alpha": 64.0,
+        "sample.num_steps": 10,
+        "sample.noise_level": 0.7,
+        "sample.guidance_scale": 4.5,
+        "sample.resolution": 512,
+        "sample.batch_size": 8,
+        "sample.num_batches_per_epoch": 6,
+        "sample.group_size": 24,
+        "train.advantage": "group",
+        "train.group_global_std": True,
+        "train.timestep_selection": "first",
+        "train.timestep_fraction": 0.9,
+        "train.batch_size": 8,
+        "train.gradient_accumulation_steps": 3,
+        "train.learning_rate": 3e-4,
+        "train.clip_range": 1e-4,
+        "train.adv_clip_max": 5.0,
+        "train.kl_beta": 0.01,
+        "ema.decay": 0.9,
+        "ema.update_every": 8,
+        "save_freq": 60,
+        "eval_freq": 60,
+    },
 }
 # Incompressibility is the compressibility task with the opposite reward.
 PRESETS["incompressibility"] = {**PRESETS["compressibility"], "reward": "jpeg_incompressibility"}
+# Flow-GRPO's compressibility task on SD3.5 medium: the pickscore settings with the JPEG reward.
+PRESETS["sd3-compressibility"] = {**PRESETS["sd3-pickscore"], "reward": "jpeg_compressibility",
+                                  "prompts": "common_animals"}
 
 DEFAULT_PRESET = "tiny-compressibility"
 
@@ -552,6 +609,13 @@ def validate(config: Config, world_size: int = 1) -> Config:
     _check(config.reward_timeout > 0 and math.isfinite(config.reward_timeout),
            f"reward_timeout must be > 0 seconds, got {config.reward_timeout}")
     _check(s.num_steps >= 1, f"sample.num_steps must be >= 1, got {s.num_steps}")
+    _check(s.resolution >= 0 and s.resolution % 8 == 0,
+           f"sample.resolution must be 0 (the model's own) or a positive multiple of 8 pixels, got {s.resolution}")
+    _check(s.noise_level > 0 and math.isfinite(s.noise_level), f"sample.noise_level must be > 0, got {s.noise_level}")
+    _check(s.sde_type in ("sde", "cps"), f"sample.sde_type must be sde or cps, got {s.sde_type!r}")
+    _check(s.sde_type != "cps" or s.noise_level <= 1,
+           f"sample.noise_level must be <= 1 with sample.sde_type=cps (std = sigma' sin(noise_level pi / 2)), got "
+           f"{s.noise_level}")
     _check(0 < s.eta <= 1,
            f"sample.eta must be in (0, 1] (eta = 0 is a deterministic sampler with no log-probability; the DDIM "
            f"step is defined for eta <= 1), got {s.eta}")

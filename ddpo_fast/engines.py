@@ -25,24 +25,26 @@ from ddpo_fast import config as cfg
 from ddpo_fast.precision import Precision
 
 
-def prepare_unet(pipe, config: cfg.Config):
-    """Freezes the VAE and text encoder; returns (unet, trainable params): the full UNet, or LoRA."""
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    unet = pipe.unet
+def prepare_denoiser(model, config: cfg.Config):
+    """Freezes the VAE and text encoders; returns (denoiser, trainable params): the whole denoiser, or
+    LoRA adapters on `lora.target_modules` (`auto`: the family's usual targets)."""
+    model.freeze_frozen_modules()
+    denoiser = model.denoiser
     if config.use_lora:
         from peft import LoraConfig
 
-        unet.requires_grad_(False)
-        targets = [m.strip() for m in config.lora.target_modules.split(",")]
-        unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, target_modules=targets,
-                                    init_lora_weights="gaussian"))
+        denoiser.requires_grad_(False)
+        names = model.lora_targets if config.lora.target_modules == "auto" else config.lora.target_modules
+        targets = [m.strip() for m in names.split(",")]
+        denoiser.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, target_modules=targets,
+                                        init_lora_weights="gaussian"))
     else:
-        unet.requires_grad_(True)
-    params = [p for p in unet.parameters() if p.requires_grad]
+        denoiser.requires_grad_(True)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"lora.target_modules={config.lora.target_modules!r} matched no UNet module")
-    return unet, params
+        raise ValueError(f"lora.target_modules={config.lora.target_modules!r} matched no module of the "
+                         f"{type(denoiser).__name__}")
+    return denoiser, params
 
 
 def _adamw(params, t: cfg.TrainConfig) -> torch.optim.AdamW:

@@ -4,8 +4,8 @@
         [--prompts "cat,dog,a red car"] [--seeds 0,1,2] [--out DIR] [--device cuda:0] [--batch-size 16]
 
 RUN_DIR is a trainer run directory (its config.json names the base model, the reward and the
-sampler settings; the finetuned weights are RUN_DIR/unet or RUN_DIR/lora), or a diffusers UNet
-directory (then give --base). Writes OUT/comparison.png (one row per prompt and seed: base |
+sampler settings; the finetuned weights are RUN_DIR/unet, RUN_DIR/transformer or RUN_DIR/lora), or
+a diffusers UNet or transformer directory (then give --base). Writes OUT/comparison.png (one row per prompt and seed: base |
 finetuned, captioned with the rewards) and OUT/rewards.json + OUT/rewards.md (mean, std, per prompt).
 The default prompts include some that the built-in training sets never use. Sampling runs on the
 GPU when there is one (in the run's mixed precision), batched over prompts.
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ddpo_fast import config as cfg
-from ddpo_fast.models import encode_prompts, load_pipeline, place_pipeline
+from ddpo_fast.families import ModelFamily
+from ddpo_fast.models import load_model
 from ddpo_fast.precision import Precision
 from ddpo_fast.rewards import build as build_reward
 from ddpo_fast.rewards import parse_options
@@ -30,26 +31,18 @@ from ddpo_fast.sampling import sample_images_per_seed
 DEFAULT_PROMPTS = ["cat", "dog", "horse", "a red car", "a house on a hill", "a bowl of fruit"]
 
 
-def load_finetuned(finetuned: Path, base: str):
-    """(pipeline with the finetuned UNet, run config or None)."""
-    from diffusers import UNet2DConditionModel
-
+def load_finetuned(finetuned: Path, base: str) -> tuple[ModelFamily, cfg.Config | None]:
+    """(the model with the finetuned denoiser, run config or None)."""
     run_config = None
     if (finetuned / "config.json").is_file() and (finetuned / "metrics.jsonl").exists():
         run_config = cfg.from_dict(json.loads((finetuned / "config.json").read_text()))
-    pipe = load_pipeline(run_config.model if run_config and base is None else (base or "tiny"))
-    if (finetuned / "lora").is_dir():
-        pipe.load_lora_weights(str(finetuned / "lora"))
-    elif (finetuned / "unet").is_dir():
-        pipe.unet = UNet2DConditionModel.from_pretrained(finetuned / "unet")
-    elif (finetuned / "diffusion_pytorch_model.safetensors").is_file():
-        pipe.unet = UNet2DConditionModel.from_pretrained(finetuned)
-    else:
-        raise ValueError(f"--finetuned {finetuned}: not a run directory with unet/ or lora/, nor a UNet directory")
-    return pipe, run_config
+    resolution = run_config.sample.resolution if run_config else 0
+    model = load_model(run_config.model if run_config and base is None else (base or "tiny"), resolution=resolution)
+    model.load_finetuned(finetuned)
+    return model, run_config
 
 
-def sample_images(pipe, prompts: list[str], seeds: list[int], config: cfg.Config, device: torch.device,
+def sample_images(model: ModelFamily, prompts: list[str], seeds: list[int], config: cfg.Config, device: torch.device,
                   batch_size: int = 16) -> torch.Tensor:
     """uint8 images, prompt-major then seed (row i = prompts[i // len(seeds)], seeds[i % len(seeds)]).
 
@@ -58,15 +51,13 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], config: cfg.Config
     it, so the base and the finetuned model see exactly the same noise."""
     s = config.sample
     precision = Precision.for_device(config.mixed_precision, device)
-    place_pipeline(pipe, device, precision.dtype)
-    pipe.scheduler.set_timesteps(s.num_steps, device=device)
-    negative = encode_prompts(pipe, [""], device) if config.use_cfg else None
-    size = pipe.unet.config.sample_size
+    model.place(device, precision.dtype)
+    step = model.make_step(s, device)
+    negative = model.negative_conditioning(device) if config.use_cfg else None
     rows = []
     for first in range(0, len(prompts), batch_size):
-        embeds = encode_prompts(pipe, prompts[first:first + batch_size], device)
-        rows.append(sample_images_per_seed(pipe.unet, pipe.scheduler, pipe.vae, embeds, negative, seeds,
-                                           latent_shape=(pipe.unet.config.in_channels, size, size), eta=s.eta,
+        cond = model.encode(prompts[first:first + batch_size], device)
+        rows.append(sample_images_per_seed(model, model.denoiser, step, cond, negative, seeds,
                                            guidance_scale=s.guidance_scale,
                                            storage_dtype=precision.dtype or torch.float32, precision=precision))
     return torch.cat(rows)
@@ -112,7 +103,7 @@ def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | 
     prompts = prompts or DEFAULT_PROMPTS
     seeds = seeds or [0, 1]
     device = torch.device(device) if device is not None else default_device()
-    tuned_pipe, run_config = load_finetuned(Path(finetuned), base)
+    tuned_model, run_config = load_finetuned(Path(finetuned), base)
     config = run_config or cfg.from_preset()
     # The run's reward with the run's options (e.g. aesthetic's model paths) and reward_device, unless one is given.
     if reward:
@@ -125,11 +116,11 @@ def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | 
         from ddpo_fast.rewards.run import reward_options as run_reward_options
 
         reward_fn = build_reward(config.reward, **run_reward_options(config))
-    base_pipe = load_pipeline(base or config.model)
+    base_model = load_model(base or config.model, resolution=config.sample.resolution)
     with torch.no_grad():
-        base_images = sample_images(base_pipe, prompts, seeds, config, device, batch_size)
-        del base_pipe  # one pipeline on the device at a time
-        tuned_images = sample_images(tuned_pipe, prompts, seeds, config, device, batch_size)
+        base_images = sample_images(base_model, prompts, seeds, config, device, batch_size)
+        del base_model  # one pipeline on the device at a time
+        tuned_images = sample_images(tuned_model, prompts, seeds, config, device, batch_size)
     all_prompts = [p for p in prompts for _ in seeds]
     meta = [{} for _ in all_prompts]
     base_rewards = reward_fn(base_images, all_prompts, meta)[0].numpy()
@@ -158,7 +149,7 @@ def default_out(finetuned: Path) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddpo_fast.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--finetuned", required=True, help="a run directory, or a diffusers UNet directory")
+    parser.add_argument("--finetuned", required=True, help="a run directory, or a diffusers UNet or transformer directory")
     parser.add_argument("--base", default=None, help="base model (default: the run's model)")
     parser.add_argument("--reward", default=None, help="reward (default: the run's reward and reward_options)")
     parser.add_argument("--reward-options", default="", help="options of --reward, key=value,key=value")

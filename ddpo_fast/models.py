@@ -1,5 +1,8 @@
-"""Models: a tiny Stable-Diffusion-shaped pipeline built in code, the pretrained `shapes` model shipped
-with the package, or a real diffusers pipeline.
+"""The built-in models, and loading any model behind its family's interface (ddpo_fast.families).
+
+Built in: `tiny`, `tiny-sdxl` and `tiny-sd3` (random weights built in code, one per family), the
+pretrained `shapes` model shipped with the package, and `sd15-random` (SD 1.5's shapes, random
+weights). Anything else is a diffusers pipeline directory or hub id, loaded with from_pretrained.
 
 `model=tiny` builds a UNet2DConditionModel, an AutoencoderKL (8x spatial downsampling, 4 latent
 channels, like SD), a CLIP text encoder and a CLIP tokenizer whose vocabulary is generated here
@@ -13,8 +16,12 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ddpo_fast.families import FAMILIES, ModelFamily, family_for_pipeline_class, wrap
 
 from ddpo_fast.prompts import all_prompt_words
 from ddpo_fast.shapes import caption_words as shape_caption_words
@@ -108,30 +115,89 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_RESOLUTION,
-    )
+    vae = _tiny_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=TINY_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
     scheduler = DDIMScheduler(**scheduler_config())
-    for module in (unet, vae, text_encoder):
-        module.eval()  # as from_pretrained returns them (the VAE differs slightly in training mode)
+    _eval(unet, vae, text_encoder)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _tiny_vae(latent_channels: int = 4, **config) -> AutoencoderKL:
+    """An 8x-downsampling VAE of a few thousand parameters."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=8, sample_size=TINY_RESOLUTION, **config,
+    )
+
+
+def _tiny_clip_config(tokenizer, **config) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **config,
+    )
+
+
+def _eval(*modules) -> None:
+    for module in modules:
+        module.eval()  # as from_pretrained returns them (the VAE differs slightly in training mode)
+
+
+def build_tiny_sdxl_pipeline(seed: int = TINY_SEED) -> StableDiffusionXLPipeline:
+    """`tiny-sdxl`: SDXL's structure (two CLIP text encoders, the second with a projection; a UNet with
+    text_time added conditioning) at the tiny model's size, seeded random weights."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=64, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled (projection_dim) + 6 time ids x 8
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, projection_dim=32))
+    _eval(unet, vae, text_encoder, text_encoder_2)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=DDIMScheduler(**scheduler_config()), force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def build_tiny_sd3_pipeline(seed: int = TINY_SEED) -> StableDiffusion3Pipeline:
+    """`tiny-sd3`: SD3's structure (an MMDiT transformer, two CLIP text encoders with projections, no
+    T5, a 16-channel VAE with a shift factor, SD3's shifted flow-matching schedule) at the tiny
+    model's size, seeded random weights."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=TINY_RESOLUTION // 8, patch_size=1, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+        joint_attention_dim=64,  # the two CLIPs' hidden states side by side
+        pooled_projection_dim=64,  # the two CLIPs' projections side by side
+        pos_embed_max_size=TINY_RESOLUTION // 8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, projection_dim=32))
+    _eval(transformer, vae, text_encoder, text_encoder_2)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
     )
 
 
@@ -174,6 +240,40 @@ def build_sd15_random_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline
     )
 
 
+# Stable Diffusion 3.5 medium's architecture (MMDiT 2.5B parameters, CLIP-L and CLIP-G text encoders;
+# T5 left out, as diffusers allows, its tokens then zeros; the 16-channel VAE).
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+SD35M_VAE = dict(SD15_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                 use_post_quant_conv=False, sample_size=1024)
+SD35M_CLIPS = [dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    projection_dim=768),  # CLIP ViT-L/14's text tower
+               dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu")]  # OpenCLIP ViT-bigG/14's
+
+
+def build_sd35m_random_pipeline(seed: int = TINY_SEED) -> StableDiffusion3Pipeline:
+    """A pipeline of Stable Diffusion 3.5 medium's shapes with seeded random weights
+    (`model=sd35m-random`), for throughput and memory measurements of the flow SDE path at full size."""
+    tokenizer = tiny_tokenizer(SD15_MAX_LENGTH)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**SD35M_VAE)
+    torch.manual_seed(seed + 2)
+    clip_l, clip_g = (CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=SD15_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **clip)) for clip in SD35M_CLIPS)
+    _eval(transformer, vae, clip_l, clip_g)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_l,
+        tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
 # The pretrained shapes model, shipped as package data (made by `python -m ddpo_fast.pretrain_shapes`).
 SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "shapes"
 
@@ -184,14 +284,15 @@ def load_shapes_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     if not (SHAPES_DIR / "model_index.json").is_file():
         raise ValueError(f"model='shapes': the packaged weights are missing ({SHAPES_DIR}); reinstall ddpo_fast, "
                          "or make them with python -m ddpo_fast.pretrain_shapes --out DIR and pass model=DIR")
-    pipe = StableDiffusionPipeline.from_pretrained(SHAPES_DIR, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    return pipe
+    return FAMILIES["sd"].from_pretrained(SHAPES_DIR).pipe
 
 
 BUILT_IN_MODELS = {
-    "tiny": build_tiny_pipeline, "shapes": load_shapes_pipeline, "sd15-random": build_sd15_random_pipeline,
+    "tiny": build_tiny_pipeline, "tiny-sdxl": build_tiny_sdxl_pipeline, "tiny-sd3": build_tiny_sd3_pipeline,
+    "shapes": load_shapes_pipeline, "sd15-random": build_sd15_random_pipeline,
+    "sd35m-random": build_sd35m_random_pipeline,
 }
+BUILT_IN_FAMILIES = {"tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "sd35m-random": "sd3"}  # the others are sd
 
 
 def check_model_source(model: str) -> None:
@@ -203,6 +304,7 @@ def check_model_source(model: str) -> None:
         if not (path / "model_index.json").is_file():
             raise ValueError(f"model={model!r}: the directory has no model_index.json (not a diffusers pipeline saved "
                              "by save_pretrained)")
+        family_name(model)
         return
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or path.exists():  # a path, not a hub id
         raise ValueError(f"model={model!r}: no such directory (expected {', '.join(BUILT_IN_MODELS)}, a diffusers "
@@ -216,51 +318,43 @@ def check_model_source(model: str) -> None:
                          f"({e})") from None
 
 
-def load_pipeline(model: str, seed: int = TINY_SEED) -> StableDiffusionPipeline:
-    """A built-in model (`tiny`, `shapes`, `sd15-random`), a local diffusers pipeline directory, or a hub id
-    (loaded with from_pretrained).
-
-    The scheduler is always a DDIMScheduler built from the pipeline's scheduler config.
-    """
+def family_name(model: str) -> str:
+    """The family (sd, sdxl, sd3) of a built-in model, or read from a pipeline's model_index.json (for a
+    hub id this fetches that one file)."""
     if model in BUILT_IN_MODELS:
-        pipe = BUILT_IN_MODELS[model](seed)
+        return BUILT_IN_FAMILIES.get(model, "sd")
+    from diffusers import DiffusionPipeline
+
+    try:
+        class_name = DiffusionPipeline.load_config(str(Path(model).expanduser()) if Path(model).expanduser().is_dir()
+                                                   else model)["_class_name"]
+    except Exception as e:  # the hub client raises many types; name the key
+        raise ValueError(f"model={model!r}: cannot read its model_index.json ({e})") from e
+    return family_for_pipeline_class(class_name, model).name
+
+
+def load_model(model: str, seed: int = TINY_SEED, resolution: int = 0) -> ModelFamily:
+    """A built-in model (see BUILT_IN_MODELS), a local diffusers pipeline directory, or a hub id (loaded with
+    from_pretrained), behind its family's interface, sampling at `resolution` pixels (0: the model's own).
+    DDIM families get a DDIMScheduler built from the pipeline's scheduler config."""
+    if model in BUILT_IN_MODELS:
+        family = wrap(BUILT_IN_MODELS[model](seed), resolution)
     else:
+        family_class = FAMILIES[family_name(model)]
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+            pipe = family_class.from_pretrained(model).pipe
         except Exception as e:  # the loader raises many types; name the key
-            raise ValueError(f"model={model!r}: cannot load a diffusers Stable Diffusion pipeline ({e})") from e
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+            raise ValueError(f"model={model!r}: cannot load a diffusers {family_class.pipeline_class_name} ({e})") from e
+        family = family_class(pipe, resolution)
+    family.pipe.set_progress_bar_config(disable=True)
+    return family
 
 
-def place_pipeline(pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Moves the pipeline to `device`: the frozen VAE and text encoder in the mixed-precision `dtype`
-    (None: fp32), the UNet in fp32 (trained; autocast gives its mixed precision)."""
-    # nn.Module.to: diffusers' override warns on any dtype cast, even when no module must stay fp32.
-    torch.nn.Module.to(pipe.vae, device=device, dtype=dtype or torch.float32)
-    pipe.text_encoder.to(device, dtype=dtype or torch.float32)
-    pipe.unet.to(device)
-
-
-def set_attention(unet, attention: str) -> None:
-    """`sdpa`: PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on a GPU);
-    `xformers`: xformers' memory-efficient attention (needs the package)."""
+def set_attention(denoiser, attention: str) -> None:
+    """`sdpa`: PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on a GPU; the
+    denoisers' default processors call it); `xformers`: xformers' memory-efficient attention (needs
+    the package)."""
     if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    elif attention == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-    else:
+        denoiser.enable_xformers_memory_efficient_attention()
+    elif attention != "sdpa":
         raise ValueError(f"attention must be sdpa or xformers, got {attention!r}")
-
-
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], device) -> torch.Tensor:
-    """Text-encoder hidden states (N, L, D) for `prompts`, padded to the tokenizer's max length."""
-    ids = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]

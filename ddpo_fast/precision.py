@@ -4,8 +4,9 @@ DDPO's first PPO ratio is 1 only if training recomputes exactly the log-probabil
 stored, so both phases must run the UNet under the same numerics. CUDA autocast runs group_norm,
 layer_norm and softmax in fp32 while CPU autocast does not, so a phase with autocast and a phase
 without it (e.g. DeepSpeed's bf16 module trained without autocast) agree on a CPU and differ on a
-GPU (flow_grpo#131, DanceGRPO#57). Here every UNet forward goes through `unet_forward`, which
-enters the policy's autocast itself: the phases cannot differ by construction.
+GPU (flow_grpo#131, DanceGRPO#57). Here every denoiser forward goes through the model family's
+`denoise` (ddpo_fast.families), which enters the policy's autocast itself: the phases cannot differ
+by construction.
 """
 from __future__ import annotations
 
@@ -47,16 +48,3 @@ class Precision:
 
 
 FP32 = Precision("no", "cpu")  # no autocast (the device type does not matter then)
-
-
-def unet_forward(unet, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-                 negative_embeds: torch.Tensor | None, precision: Precision) -> torch.Tensor:
-    """The UNet's output under the policy; with `negative_embeds` (CFG) on the stacked [uncond; cond]
-    batch (2B rows). `unet` is a module or a training engine wrapping one."""
-    if negative_embeds is not None:
-        latents = torch.cat([latents, latents])
-        timesteps = torch.cat([timesteps, timesteps]) if timesteps.dim() else timesteps
-        embeds = torch.cat([negative_embeds.expand_as(embeds), embeds])
-    dtype = next(getattr(unet, "module", unet).parameters()).dtype
-    with precision.autocast():
-        return unet(latents.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype)).sample

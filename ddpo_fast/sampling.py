@@ -1,15 +1,17 @@
-"""Batched DDIM sampling with log-probabilities, classifier-free guidance and the trajectory buffer.
+"""Batched sampling with log-probabilities, classifier-free guidance and the trajectory buffer, for
+every model family (ddpo_fast.families) and step kind (ddpo_fast.steps: DDIM, Flow-GRPO's SDE).
 
-Every DDIM step goes through the fused `ddim_step_logprob` (CFG fused, noise from the in-kernel
-Philox stream of (seed, step index), so a batch is reproducible from its seed alone).
+Every step goes through a fused op (CFG fused, noise from the in-kernel Philox stream of (seed, step
+index), so a batch is reproducible from its seed alone).
 
 The trajectory buffer keeps, per sample, only what training needs: for the K = num_train_timesteps
 steps chosen for that sample *before* sampling, x_t, x_{t-1} (both in the storage dtype, exactly as
 the sampler produced and consumed them), the old log-probability (float32, computed from the stored
-x_{t-1}) and the step index, plus the sample's prompt embedding. Everything stays on the sampling
-device; nothing is copied to the host per step. Bytes per sample:
+x_{t-1}) and the step index, plus the sample's prompt conditioning (SD: the text embedding; SDXL and
+SD3 add pooled embeddings). Everything stays on the sampling device; nothing is copied to the host
+per step. Bytes per sample:
 
-    K * (2 * C*H*W * storage_itemsize + 4 + 8) + L * D * embed_itemsize
+    K * (2 * C*H*W * storage_itemsize + 4 + 8) + the conditioning's bytes
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from ddpo_fast.ops import ddim_step_logprob, scheduler_alphas
-from ddpo_fast.precision import FP32, Precision, unet_forward
+from ddpo_fast.families import Conditioning, ModelFamily
+from ddpo_fast.precision import FP32, Precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -37,33 +39,40 @@ class Trajectories:
     latents: torch.Tensor  # (N, K, C, H, W) x_t, storage dtype
     next_latents: torch.Tensor  # (N, K, C, H, W) x_{t-1}, storage dtype
     log_probs: torch.Tensor  # (N, K) float32, old log-probabilities of next_latents
-    step_indices: torch.Tensor  # (N, K) int64, indices into scheduler.timesteps
-    prompt_embeds: torch.Tensor  # (N, L, D)
+    step_indices: torch.Tensor  # (N, K) int64, indices into the step's timesteps
+    conditioning: Conditioning  # the family's prompt conditioning, (N, ...) each
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "conditioning"}
+        return {**plain, **{f"conditioning.{k}": v for k, v in self.conditioning.items()}}
 
     def bytes_per_sample(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.tensors().values())
 
     def select(self, index: torch.Tensor) -> "Trajectories":
-        return Trajectories(**{k: v[index] for k, v in self.tensors().items()})
+        return Trajectories(self.latents[index], self.next_latents[index], self.log_probs[index],
+                            self.step_indices[index], {k: v[index] for k, v in self.conditioning.items()})
 
     @staticmethod
     def cat(parts: list["Trajectories"]) -> "Trajectories":
-        return Trajectories(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectories)})
+        def joined(get):
+            return torch.cat([get(p) for p in parts])
+
+        return Trajectories(joined(lambda p: p.latents), joined(lambda p: p.next_latents),
+                            joined(lambda p: p.log_probs), joined(lambda p: p.step_indices),
+                            {k: joined(lambda p: p.conditioning[k]) for k in parts[0].conditioning})
 
 
 def expected_bytes_per_sample(num_train_timesteps: int, latent_shape, storage_dtype: torch.dtype,
-                              embed_shape, embed_dtype: torch.dtype) -> int:
-    """The buffer formula of the module docstring."""
+                              conditioning: Conditioning) -> int:
+    """The buffer formula of the module docstring (`conditioning`: one sample's, or a batch's)."""
     latent_numel = int(np.prod(latent_shape))
     storage_itemsize = torch.empty((), dtype=storage_dtype).element_size()
-    embed_itemsize = torch.empty((), dtype=embed_dtype).element_size()
-    return num_train_timesteps * (2 * latent_numel * storage_itemsize + 4 + 8) + int(np.prod(embed_shape)) * embed_itemsize
+    conditioning_bytes = sum(v[0].numel() * v.element_size() for v in conditioning.values())
+    return num_train_timesteps * (2 * latent_numel * storage_itemsize + 4 + 8) + conditioning_bytes
 
 
 def choose_train_steps(batch_size: int, num_steps: int, num_train_timesteps: int, generator: torch.Generator,
@@ -79,40 +88,38 @@ def choose_train_steps(batch_size: int, num_steps: int, num_train_timesteps: int
 
 
 @torch.no_grad()
-def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, *,
-                 latent_shape: tuple[int, int, int], eta: float, guidance_scale: float, num_train_timesteps: int,
-                 seed: int, storage_dtype: torch.dtype, precision: Precision = FP32, progress=None,
-                 timestep_selection: str = "random", window_start: int = 0) -> tuple[Trajectories, torch.Tensor]:
-    """Samples B = len(prompt_embeds) trajectories; returns (trajectories, final latents x_0).
+def sample_batch(model: ModelFamily, denoiser, step, cond: Conditioning, negative: Conditioning | None, *,
+                 guidance_scale: float, num_train_timesteps: int, seed: int, storage_dtype: torch.dtype,
+                 precision: Precision = FP32, progress=None, timestep_selection: str = "random",
+                 window_start: int = 0) -> tuple[Trajectories, torch.Tensor]:
+    """Samples B = len(cond's tensors) trajectories with `denoiser` (the family's trained module, or an
+    engine around it) and `step` (model.make_step); returns (trajectories, final latents x_0).
 
-    `scheduler.set_timesteps` must have been called. CFG is on when `negative_embeds` is given. The
-    UNet runs under `precision`, the policy training uses too (see ddpo_fast.precision). With
-    `timestep_selection="window"` only the trained steps are stochastic; the others are deterministic
-    DDIM steps (eta 0, MixGRPO), which need no log-probability.
+    CFG is on when `negative` is given. The denoiser runs under `precision`, the policy training uses
+    too (see ddpo_fast.precision). With `timestep_selection="window"` only the trained steps are
+    stochastic; the others are deterministic (DDIM eta 0, the flow ODE step; MixGRPO), which need no
+    log-probability.
     """
-    device = prompt_embeds.device
-    batch, num_steps = prompt_embeds.shape[0], len(scheduler.timesteps)
+    first = next(iter(cond.values()))
+    device, batch = first.device, first.shape[0]
+    latent_shape = model.latent_shape
     generator = torch.Generator().manual_seed(seed)
-    train_steps = choose_train_steps(batch, num_steps, num_train_timesteps, generator, timestep_selection,
+    train_steps = choose_train_steps(batch, step.num_steps, num_train_timesteps, generator, timestep_selection,
                                      window_start).to(device)
     window = range(window_start, window_start + num_train_timesteps)
     x = torch.randn((batch, *latent_shape), generator=generator).to(device=device, dtype=storage_dtype)
-    x = x * scheduler.init_noise_sigma
+    x = x * step.init_noise_sigma
 
     k = num_train_timesteps
     buf_x = torch.zeros((batch, k, *latent_shape), dtype=storage_dtype, device=device)
     buf_next = torch.zeros_like(buf_x)
     buf_logp = torch.zeros((batch, k), dtype=torch.float32, device=device)
     rows = torch.arange(batch, device=device)
-    guidance = guidance_scale if negative_embeds is not None else None
-    timesteps = scheduler.timesteps.to(device)
-    for i in range(num_steps):
-        t = timesteps[i]
-        out = unet_forward(unet, x, t, prompt_embeds, negative_embeds, precision)
-        alpha_t, alpha_prev = scheduler_alphas(scheduler, t, batch, device)
-        step_eta = eta if timestep_selection != "window" or i in window else 0.0
-        prev, log_prob = ddim_step_logprob(out.contiguous(), x, alpha_t, alpha_prev, eta=step_eta, seed=seed, offset=i,
-                                           guidance_scale=guidance, out_dtype=storage_dtype)
+    guidance = guidance_scale if negative is not None else None
+    for i in range(step.num_steps):
+        out = model.denoise(denoiser, x, step.timesteps[i], cond, negative, precision)
+        prev, log_prob = step.sample(out, x, i, seed=seed, guidance_scale=guidance, out_dtype=storage_dtype,
+                                     stochastic=timestep_selection != "window" or i in window)
         # Keep step i for the samples that chose it (no host sync: the slot is found on the device).
         hit = train_steps == i
         keep = hit.any(dim=1)
@@ -125,30 +132,20 @@ def sample_batch(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: 
         if progress is not None:
             progress.update(1)
     traj = Trajectories(latents=buf_x, next_latents=buf_next, log_probs=buf_logp, step_indices=train_steps,
-                        prompt_embeds=prompt_embeds)
+                        conditioning=cond)
     return traj, x
 
 
 @torch.no_grad()
-def sample_images_per_seed(unet, scheduler, vae, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
-                           seeds: list[int], *, latent_shape: tuple[int, int, int], eta: float, guidance_scale: float,
-                           storage_dtype: torch.dtype, precision: Precision = FP32) -> torch.Tensor:
+def sample_images_per_seed(model: ModelFamily, denoiser, step, cond: Conditioning, negative: Conditioning | None,
+                           seeds: list[int], *, guidance_scale: float, storage_dtype: torch.dtype,
+                           precision: Precision = FP32) -> torch.Tensor:
     """uint8 images of the prompts, one per (prompt, seed), prompt-major then seed: one batch of all
     the prompts per seed, so a (prompts, seed) pair always gets the same noise (evaluations compare
     models on it)."""
     images = []
     for seed in seeds:
-        _, final = sample_batch(unet, scheduler, prompt_embeds, negative_embeds, latent_shape=latent_shape, eta=eta,
-                                guidance_scale=guidance_scale, num_train_timesteps=1, seed=seed,
-                                storage_dtype=storage_dtype, precision=precision)
-        images.append(decode_images(vae, final))
+        _, final = sample_batch(model, denoiser, step, cond, negative, guidance_scale=guidance_scale,
+                                num_train_timesteps=1, seed=seed, storage_dtype=storage_dtype, precision=precision)
+        images.append(model.decode(final))
     return torch.stack(images, dim=1).flatten(0, 1)
-
-
-@torch.no_grad()
-def decode_images(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Final latents -> uint8 images (N, 3, H, W) on the CPU (the one host copy per batch)."""
-    dtype = next(vae.parameters()).dtype
-    images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
-    images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return images.cpu()

@@ -2,9 +2,9 @@
 or `deepspeed --num_gpus N ddpo_fast/train.py ...` (same arguments), `--resume RUN_DIR` to continue.
 
 One epoch, top to bottom (`Trainer.run_epoch`):
-  1. sample: prompts -> text embeddings -> DDIM with log-probs (fused op, CFG fused) -> trajectory
-     buffer on the device -> VAE decode -> reward submitted to a background pool; the next batch
-     samples while the reward is computed;
+  1. sample: prompts -> prompt conditioning -> the policy's steps with log-probs (DDIM or Flow-GRPO's
+     SDE step, fused ops, CFG fused) -> trajectory buffer on the device -> VAE decode -> reward
+     submitted to a background pool; the next batch samples while the reward is computed;
   2. rewards -> advantages (per-prompt stat tracking over the rewards of all ranks);
   3. inner epochs of the policy update over (sample, timestep) minibatches: one backward call per
      (train batch, timestep); the optimizer steps every train.gradient_accumulation_steps batches;
@@ -12,8 +12,9 @@ One epoch, top to bottom (`Trainer.run_epoch`):
 
 Every random choice is derived from (seed, epoch, batch, rank), so a run resumed from the
 checkpoint of epoch e redoes epoch e + 1 exactly as an uninterrupted run would. The parts live in
-modules of their own: distributed (collectives), engines (optimizer steps), precision (the one
-autocast policy of both phases), checkpoints, run_logging, rewards.run (the run's reward).
+modules of their own: families (the model: SD, SDXL, SD3), steps (the policy's step), distributed
+(collectives), engines (optimizer steps), precision (the one autocast policy of both phases),
+checkpoints, run_logging, rewards.run (the run's reward).
 """
 from __future__ import annotations
 
@@ -39,12 +40,11 @@ from ddpo_fast import distributed
 from ddpo_fast.advantages import (PerPromptStatTracker, compute_advantages, global_advantages, group_advantages,
                                   per_prompt_stats)
 from ddpo_fast.ema import EMA
-from ddpo_fast.kl import ddim_kl
 from ddpo_fast.checkpoints import CHECKPOINT_PREFIX, StopRequests, Stopped, save_checkpoint, save_final_model
 from ddpo_fast.distributed import log, mean_across_ranks
-from ddpo_fast.engines import DeepSpeedEngine, TorchEngine, prepare_unet
-from ddpo_fast.ops import ddim_ppo_loss, ddim_step_logprob, scheduler_alphas
-from ddpo_fast.precision import Precision, unet_forward
+from ddpo_fast.engines import DeepSpeedEngine, TorchEngine, prepare_denoiser
+from ddpo_fast.families import ModelFamily
+from ddpo_fast.precision import Precision
 from ddpo_fast.models import check_model_source
 from ddpo_fast.prompts import check_prompt_fn, get_prompt_fn
 from ddpo_fast.rewards import RewardError, RewardPool
@@ -53,8 +53,7 @@ from ddpo_fast.rewards.run import make_reward, reward_options
 from ddpo_fast.run_dir import (Resume, RunFinished, check_new_run, how_to_launch, plan_resume, start_new_run,
                                write_config)
 from ddpo_fast.run_logging import Logger, save_grid, save_samples
-from ddpo_fast.sampling import (DTYPES, Trajectories, decode_images, derive_seed, sample_batch,
-                                sample_images_per_seed)
+from ddpo_fast.sampling import DTYPES, Trajectories, derive_seed, sample_batch, sample_images_per_seed
 
 
 class _StopSampling(Exception):
@@ -62,19 +61,15 @@ class _StopSampling(Exception):
 
 
 class Trainer:
-    def __init__(self, config: cfg.Config, run_dir: Path, pipe, engine, device, precision: Precision, prompt_fn,
-                 reward_pool, stop: StopRequests | None = None):
-        self.config, self.run_dir, self.pipe, self.engine, self.device = config, run_dir, pipe, engine, device
+    def __init__(self, config: cfg.Config, run_dir: Path, model: ModelFamily, engine, device, precision: Precision,
+                 prompt_fn, reward_pool, stop: StopRequests | None = None):
+        self.config, self.run_dir, self.model, self.engine, self.device = config, run_dir, model, engine, device
         self.precision, self.prompt_fn, self.reward_pool, self.stop = precision, prompt_fn, reward_pool, stop
         self.rank, _, self.world_size = distributed.world()
         s = config.sample
-        self.scheduler = pipe.scheduler
-        self.scheduler.set_timesteps(s.num_steps, device=device)
-        self.timesteps = self.scheduler.timesteps.to(device)
+        self.step = model.make_step(s, device)  # DDIM or the flow SDE step, by the model's family
         self.storage_dtype = DTYPES[s.storage_dtype] if s.storage_dtype != "auto" else (precision.dtype or torch.float32)
-        latent_size = pipe.unet.config.sample_size
-        self.latent_shape = (pipe.unet.config.in_channels, latent_size, latent_size)
-        self.negative_embeds = self.encode([""])[0:1] if config.use_cfg else None
+        self.negative = model.negative_conditioning(device) if config.use_cfg else None
         self.tracker = (PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
                                              config.per_prompt_stat_tracking.min_count)
                         if config.per_prompt_stat_tracking.enabled else None)
@@ -84,18 +79,13 @@ class Trainer:
         else:
             self.normalise = self.tracker.update if self.tracker else lambda _, r: global_advantages(r)
         self.ema = EMA(engine.module, config.ema.decay, config.ema.update_every) if config.ema.decay else None
-        self.reference_unet = self.make_reference() if t.kl_beta > 0 else None
+        self.reference_denoiser = self.make_reference() if t.kl_beta > 0 else None
         self.dropped_samples = 0
         self.nonfinite_epochs = 0  # consecutive epochs without a finite reward
 
     def make_reference(self):
         """The starting model for the KL penalty: LoRA's base (the adapters switched off: no copy), or a
-        frozen copy of the full UNet in the mixed-precision dtype (made before a checkpoint loads)."""
-        config = self.scheduler.config
-        if config.prediction_type != "epsilon" or config.clip_sample or config.get("thresholding"):
-            raise cfg.ConfigError("train.kl_beta > 0 needs a scheduler with epsilon prediction and no sample clipping "
-                                  f"or thresholding (this model's: prediction_type={config.prediction_type}, "
-                                  f"clip_sample={config.clip_sample})")
+        frozen copy of the whole denoiser in the mixed-precision dtype (made before a checkpoint loads)."""
         if self.config.use_lora:
             return None
         import copy
@@ -103,21 +93,19 @@ class Trainer:
         frozen = copy.deepcopy(self.engine.module).requires_grad_(False).eval()
         return frozen.to(self.precision.dtype) if self.precision.dtype is not None else frozen
 
-    def reference_output(self, x, step_t, embeds, negative_embeds) -> torch.Tensor:
+    def reference_output(self, x, step_t, cond, negative) -> torch.Tensor:
         with torch.no_grad():
-            if self.reference_unet is not None:
-                return unet_forward(self.reference_unet, x, step_t, embeds, negative_embeds, self.precision)
+            if self.reference_denoiser is not None:
+                return self.model.denoise(self.reference_denoiser, x, step_t, cond, negative, self.precision)
             module = self.engine.module
             module.disable_adapters()
             try:
-                return unet_forward(module, x, step_t, embeds, negative_embeds, self.precision)
+                return self.model.denoise(module, x, step_t, cond, negative, self.precision)
             finally:
                 module.enable_adapters()
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        from ddpo_fast.models import encode_prompts
-
-        return encode_prompts(self.pipe, prompts, self.device)
+    def encode(self, prompts: list[str]):
+        return self.model.encode(prompts, self.device)
 
     def stop_requested(self) -> bool:
         return self.stop is not None and self.stop.requested()
@@ -188,11 +176,9 @@ class Trainer:
         seeds = [int(x) for x in c.eval_seeds.split(",")]
         with (self.ema.swapped_in() if self.ema else contextlib.nullcontext()), self.engine.sampling_phase():
             self.engine.module.eval()
-            images = sample_images_per_seed(self.engine.sampling_module, self.scheduler, self.pipe.vae,
-                                            self.encode(prompts), self.negative_embeds, seeds,
-                                            latent_shape=self.latent_shape, eta=c.sample.eta,
-                                            guidance_scale=c.sample.guidance_scale, storage_dtype=self.storage_dtype,
-                                            precision=self.precision)
+            images = sample_images_per_seed(self.model, self.engine.sampling_module, self.step, self.encode(prompts),
+                                            self.negative, seeds, guidance_scale=c.sample.guidance_scale,
+                                            storage_dtype=self.storage_dtype, precision=self.precision)
         all_prompts = [p for p in prompts for _ in seeds]
         rewards, _ = self.reward_pool.submit(images, all_prompts, [{} for _ in all_prompts]).result()
         rewards = rewards.double().numpy()
@@ -216,7 +202,7 @@ class Trainer:
     def sample_epoch(self, epoch: int, progress):
         c, s = self.config, self.config.sample
         parts, prompts, futures, images_kept = [], [], [], None
-        unet = self.engine.sampling_module
+        denoiser = self.engine.sampling_module
         self.engine.module.eval()
         for b in range(s.num_batches_per_epoch):
             if b and self.stop_requested():
@@ -225,12 +211,12 @@ class Trainer:
             batch_prompts = [p for p, _ in batch]
             batch_meta = [dict(m) for _, m in batch]
             traj, final = sample_batch(
-                unet, self.scheduler, self.encode(batch_prompts), self.negative_embeds,
-                latent_shape=self.latent_shape, eta=s.eta, guidance_scale=s.guidance_scale,
-                num_train_timesteps=c.num_train_timesteps, seed=derive_seed(c.seed, epoch, b, self.rank, 0),
-                storage_dtype=self.storage_dtype, precision=self.precision, progress=progress,
-                timestep_selection=c.train.timestep_selection, window_start=self.window_start(epoch))
-            images = decode_images(self.pipe.vae, final)
+                self.model, denoiser, self.step, self.encode(batch_prompts), self.negative,
+                guidance_scale=s.guidance_scale, num_train_timesteps=c.num_train_timesteps,
+                seed=derive_seed(c.seed, epoch, b, self.rank, 0), storage_dtype=self.storage_dtype,
+                precision=self.precision, progress=progress, timestep_selection=c.train.timestep_selection,
+                window_start=self.window_start(epoch))
+            images = self.model.decode(final)
             futures.append(self.reward_pool.submit(images, batch_prompts, batch_meta))  # overlaps the next batch
             if images_kept is None:
                 images_kept = images
@@ -296,23 +282,22 @@ class Trainer:
             for start in range(0, trained, t.batch_size):
                 batch = order[start:start + t.batch_size]
                 rows, cols = batch.to(self.device), step_order[batch].to(self.device)
-                embeds = traj.prompt_embeds[rows]
+                cond = {name: v[rows] for name, v in traj.conditioning.items()}
+                negative = self.negative if train_cfg else None
                 adv, w = advantages[rows], weights[rows]
                 for j in range(k):
                     col = cols[:, j]
                     x = traj.latents[rows, col].contiguous()
                     x_next = traj.next_latents[rows, col].contiguous()
                     old_log_prob = traj.log_probs[rows, col].contiguous()
-                    step_t = self.timesteps[traj.step_indices[rows, col]]
-                    alpha_t, alpha_prev = scheduler_alphas(self.scheduler, step_t, len(rows), self.device)
-                    out = unet_forward(self.engine, x, step_t, embeds, self.negative_embeds if train_cfg else None,
-                                       self.precision)
-                    loss, stats = self.loss_fn(out.contiguous(), x, x_next, alpha_t, alpha_prev, old_log_prob, adv, w)
+                    indices = traj.step_indices[rows, col]
+                    step_t = self.step.timesteps[indices]
+                    out = self.model.denoise(self.engine, x, step_t, cond, negative, self.precision)
+                    loss, stats = self.loss_fn(out, x, x_next, indices, old_log_prob, adv, w)
                     kl = torch.zeros((), device=self.device)
                     if t.kl_beta > 0:  # to the starting model's step, with its gradient
-                        ref = self.reference_output(x, step_t, embeds, self.negative_embeds if train_cfg else None)
-                        kl = ddim_kl(out, ref, alpha_t, alpha_prev, eta=c.sample.eta,
-                                     guidance_scale=c.sample.guidance_scale if train_cfg else None).mean()
+                        ref = self.reference_output(x, step_t, cond, negative)
+                        kl = self.step.kl(out, ref, x, indices, guidance_scale=self.train_guidance).mean()
                         loss = loss + t.kl_beta * kl
                     self.engine.backward(loss)
                     if self.engine.step():
@@ -339,15 +324,18 @@ class Trainer:
         batches = math.ceil(batches / t.gradient_accumulation_steps) * t.gradient_accumulation_steps
         return min(batches * t.batch_size, len(advantages) // t.batch_size * t.batch_size)
 
-    def loss_fn(self, out, x, x_next, alpha_t, alpha_prev, old_log_prob, advantages, weights):
-        c, t = self.config, self.config.train
-        guidance = c.sample.guidance_scale if (c.use_cfg and t.cfg) else None
+    @property
+    def train_guidance(self) -> float | None:
+        """The CFG scale of the training forward (None: trained without CFG)."""
+        c = self.config
+        return c.sample.guidance_scale if (c.use_cfg and c.train.cfg) else None
+
+    def loss_fn(self, out, x, x_next, indices, old_log_prob, advantages, weights):
+        t = self.config.train
         if t.algorithm == "ddpo_is":
-            return ddim_ppo_loss(out, x, x_next, alpha_t, alpha_prev, old_log_prob, advantages,
-                                 clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, eta=c.sample.eta,
-                                 guidance_scale=guidance)
-        _, log_prob = ddim_step_logprob(out, x, alpha_t, alpha_prev, eta=c.sample.eta, prev_sample=x_next,
-                                        guidance_scale=guidance)
+            return self.step.ppo_loss(out, x, x_next, indices, old_log_prob, advantages, clip_range=t.clip_range,
+                                      adv_clip_max=t.adv_clip_max, guidance_scale=self.train_guidance)
+        log_prob = self.step.log_prob(out, x, x_next, indices, guidance_scale=self.train_guidance)
         if t.algorithm == "ddpo_sf":  # REINFORCE: the score function weighted by the advantage
             loss = -(advantages.clamp(-t.adv_clip_max, t.adv_clip_max) * log_prob).mean()
         else:  # rwr: likelihood weighted by exp(beta * advantage), normalised over the batch
@@ -362,7 +350,7 @@ class Trainer:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m ddpo_fast.train",
-        description="DDPO finetuning of a Stable Diffusion UNet. Settings are key=value overrides of a preset "
+        description="DDPO / Flow-GRPO finetuning of a diffusion model (SD, SDXL, SD3 families). Settings are key=value overrides of a preset "
                     "(then of --config FILE, then of the command line).",
         epilog="keys (key=default):\n" + cfg.help_key_list(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help=f"one of: {', '.join(cfg.PRESETS)} (default {cfg.DEFAULT_PRESET})")
@@ -479,17 +467,21 @@ def main(argv=None) -> Path:
 def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.device, precision: Precision,
            resume: Resume | None, reward_fn) -> Path:
     rank, _, world_size = distributed.world()
-    from ddpo_fast.models import load_pipeline, place_pipeline, set_attention
+    from ddpo_fast.models import load_model, set_attention
 
     torch.manual_seed(config.seed)
-    pipe = load_pipeline(config.model)
-    place_pipeline(pipe, device, precision.dtype)
-    set_attention(pipe.unet, config.attention)
-    unet, params = prepare_unet(pipe, config)
-    engine = (DeepSpeedEngine if engine_name == "deepspeed" else TorchEngine)(unet, params, config, precision, device)
+    try:
+        model = load_model(config.model, resolution=config.sample.resolution)
+    except ValueError as e:  # a resolution the model cannot take
+        raise cfg.ConfigError(str(e)) from None
+    model.place(device, precision.dtype)
+    set_attention(model.denoiser, config.attention)
+    denoiser, params = prepare_denoiser(model, config)
+    engine = (DeepSpeedEngine if engine_name == "deepspeed" else TorchEngine)(denoiser, params, config, precision,
+                                                                              device)
     pool = RewardPool(reward_fn, workers=config.reward_workers, device=device)
     stop = StopRequests()
-    trainer = Trainer(config, run_dir, pipe, engine, device, precision, get_prompt_fn(config.prompts), pool, stop)
+    trainer = Trainer(config, run_dir, model, engine, device, precision, get_prompt_fn(config.prompts), pool, stop)
     start_epoch, last_saved = 0, None
     if resume is not None:
         start_epoch = resume.start_epoch
@@ -565,19 +557,19 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
         if logger is not None:
             logger.close()
 
-    final_unet = engine.module
+    final = engine.module
     if config.ema.use_for_final:  # (no EMA under ZeRO-3: the config check refuses it)
         with trainer.ema.swapped_in():
             if rank == 0:
-                out = save_final_model(pipe, final_unet, config, run_dir)
+                out = save_final_model(model, final, config, run_dir)
     elif engine_name == "deepspeed" and config.zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(final_unet.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(final.parameters()), modifier_rank=None):
             if rank == 0:
-                out = save_final_model(pipe, final_unet, config, run_dir)
+                out = save_final_model(model, final, config, run_dir)
     elif rank == 0:
-        out = save_final_model(pipe, final_unet, config, run_dir)
+        out = save_final_model(model, final, config, run_dir)
     distributed.barrier()
     if rank == 0:
         grids = sorted((run_dir / "samples").glob("epoch_*.png"))
@@ -589,14 +581,14 @@ def _train(config: cfg.Config, run_dir: Path, engine_name: str, device: torch.de
 
 
 def describe_buffer(trainer: Trainer, config: cfg.Config) -> str:
-    embed_shape = (trainer.pipe.tokenizer.model_max_length, trainer.pipe.text_encoder.config.hidden_size)
     from ddpo_fast.sampling import expected_bytes_per_sample
 
-    nbytes = expected_bytes_per_sample(config.num_train_timesteps, trainer.latent_shape, trainer.storage_dtype,
-                                       embed_shape, trainer.pipe.text_encoder.dtype)
+    latent_shape = trainer.model.latent_shape
+    nbytes = expected_bytes_per_sample(config.num_train_timesteps, latent_shape, trainer.storage_dtype,
+                                       trainer.encode([""]))
     return (f"{nbytes} bytes per sample ({config.num_train_timesteps} steps x 2 latents "
-            f"{tuple(trainer.latent_shape)} in {str(trainer.storage_dtype).replace('torch.', '')} + log-probs, "
-            f"step indices, prompt embedding)")
+            f"{tuple(latent_shape)} in {str(trainer.storage_dtype).replace('torch.', '')} + log-probs, "
+            f"step indices, prompt conditioning)")
 
 
 def cli(argv=None) -> int:

@@ -144,7 +144,7 @@ def test_resume_applies_optimizer_changes_and_records_them(tmp_path):
 def test_bad_values_fail_before_anything_is_built_or_written(tmp_path, capsys, monkeypatch, override, words):
     import ddpo_fast.models
 
-    monkeypatch.setattr(ddpo_fast.models, "load_pipeline", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(ddpo_fast.models, "load_model", lambda *a, **k: pytest.fail("a model was built"))
     code, out = _cli(capsys, "--run-dir", str(tmp_path / "run"), *TINY, override)
     assert code == 2 and words in out, out
     assert not (tmp_path / "run").exists()

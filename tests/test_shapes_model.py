@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from ddpo_fast import pretrain_shapes
-from ddpo_fast.models import SHAPES_DIR, load_pipeline
+from ddpo_fast.models import SHAPES_DIR, load_model
 
 # The shipped model scored 0.72 (colours 0.94) on 64 `shapes` prompts, random weights 0.14 (0.27).
 THRESHOLD_REWARD, THRESHOLD_COLOUR = 0.45, 0.6
@@ -75,12 +75,12 @@ def test_shipped_model_loads_and_follows_prompts():
 
     pipe = StableDiffusionPipeline.from_pretrained(SHAPES_DIR)
     assert pipe.unet.config.sample_size == 16 and pipe.tokenizer.tokenize("squares") == ["squares</w>"]
-    pipe = load_pipeline("shapes")  # the trainer's path
+    model = load_model("shapes")  # the trainer's path
     prompts = ["a red circle", "two blue squares", "three green triangles", "a yellow square",
                "a red triangle and a blue circle", "two green circles", "a blue triangle", "four red squares"]
     config = cfg.from_preset(overrides=["sample.num_steps=20", "sample.guidance_scale=3"])
     with torch.no_grad():
-        images = sample_images(pipe, prompts, [0, 1], config, torch.device("cpu"))
+        images = sample_images(model, prompts, [0, 1], config, torch.device("cpu"))
     rewards, info = shapes_alignment(images, [p for p in prompts for _ in (0, 1)], [{}] * 16)
     # random weights: reward ~0.1, colours ~0.2 (benchmarks/shapes_model.py)
     assert rewards.mean() > THRESHOLD_REWARD and info["colour_accuracy"] > THRESHOLD_COLOUR, info

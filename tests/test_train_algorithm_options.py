@@ -74,21 +74,25 @@ def test_first_steps_selection_keeps_the_noise_stream():
     assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
 
 
-def test_window_steps_are_the_only_stochastic_ones(monkeypatch):
-    """MixGRPO: inside the window the policy's eta, outside deterministic DDIM (eta 0); the buffer
-    holds the window's steps only."""
-    import ddpo_fast.sampling as sampling
-    from ddpo_fast.models import build_tiny_pipeline, encode_prompts
+@pytest.mark.parametrize("model,op,noise", [("tiny", "ddim_step_logprob", "eta"),
+                                             ("tiny-sd3", "flow_sde_step_logprob", "noise_level")])
+def test_window_steps_are_the_only_stochastic_ones(monkeypatch, model, op, noise):
+    """MixGRPO: inside the window the policy's noise (DDIM eta, the flow SDE's noise level), outside
+    deterministic steps (0); the buffer holds the window's steps only."""
+    import ddpo_fast.steps as steps
+    from ddpo_fast.models import load_model
+    from ddpo_fast.sampling import sample_batch
 
-    etas = []
-    real = sampling.ddim_step_logprob
-    monkeypatch.setattr(sampling, "ddim_step_logprob", lambda *a, eta, **k: etas.append(eta) or real(*a, eta=eta, **k))
-    pipe = build_tiny_pipeline()
-    pipe.scheduler.set_timesteps(6)
-    traj, _ = sampling.sample_batch(pipe.unet, pipe.scheduler, encode_prompts(pipe, ["cat", "dog"], "cpu"), None,
-                                    latent_shape=(4, 8, 8), eta=0.7, guidance_scale=1.0, num_train_timesteps=2,
-                                    seed=0, storage_dtype=torch.float32, timestep_selection="window", window_start=3)
-    assert etas == [0.0, 0.0, 0.0, 0.7, 0.7, 0.0]
+    levels = []
+    real = getattr(steps, op)
+    monkeypatch.setattr(steps, op, lambda *a, **k: levels.append(k[noise]) or real(*a, **k))
+    family = load_model(model)
+    config = cfg.from_preset("tiny-compressibility", ["sample.num_steps=6", "sample.eta=0.7", "sample.noise_level=0.7"])
+    step = family.make_step(config.sample, "cpu")
+    traj, _ = sample_batch(family, family.denoiser, step, family.encode(["cat", "dog"], "cpu"), None,
+                           guidance_scale=1.0, num_train_timesteps=2, seed=0, storage_dtype=torch.float32,
+                           timestep_selection="window", window_start=3)
+    assert levels == [0.0, 0.0, 0.0, 0.7, 0.7, 0.0]
     assert traj.step_indices.tolist() == [[3, 4], [3, 4]] and traj.latents.shape[1] == 2
     assert (traj.log_probs != 0).all()
 

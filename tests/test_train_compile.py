@@ -10,9 +10,9 @@ pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
 
 from ddpo_fast import config as cfg
 from ddpo_fast import engines
-from ddpo_fast.engines import TorchEngine, prepare_unet
-from ddpo_fast.models import build_tiny_pipeline, encode_prompts
-from ddpo_fast.precision import Precision, unet_forward
+from ddpo_fast.engines import TorchEngine, prepare_denoiser
+from ddpo_fast.models import load_model
+from ddpo_fast.precision import Precision
 
 
 @pytest.fixture
@@ -31,12 +31,12 @@ def aot_eager(monkeypatch):
 
 
 def _engine(compile_: bool, mode: str):
-    pipe = build_tiny_pipeline()
+    model = load_model("tiny")
     config = cfg.from_preset("tiny-compressibility", [f"compile={str(compile_).lower()}", f"mixed_precision={mode}",
                                                       "train.gradient_accumulation_steps=1"])
-    unet, params = prepare_unet(pipe, config)
+    unet, params = prepare_denoiser(model, config)
     precision = Precision(mode, "cpu")
-    return pipe, TorchEngine(unet, params, config, precision, torch.device("cpu")), precision
+    return model, TorchEngine(unet, params, config, precision, torch.device("cpu")), precision
 
 
 @pytest.mark.parametrize("mode", ["no", "bf16"])
@@ -45,15 +45,15 @@ def test_compiled_phases_match_eager(aot_eager, mode):
     x = torch.randn(3, 4, 8, 8)
     results = {}
     for compile_ in (False, True):
-        pipe, engine, precision = _engine(compile_, mode)
-        embeds = encode_prompts(pipe, ["cat", "dog", "horse"], "cpu")
-        negative = encode_prompts(pipe, [""], "cpu")
-        t = pipe.scheduler.timesteps[5]
+        model, engine, precision = _engine(compile_, mode)
+        cond = model.encode(["cat", "dog", "horse"], "cpu")
+        negative = model.negative_conditioning("cpu")
+        t = torch.tensor(994)
         with torch.no_grad():
             engine.module.eval()
-            sampled = unet_forward(engine.sampling_module, x, t, embeds, negative, precision)
+            sampled = model.denoise(engine.sampling_module, x, t, cond, negative, precision)
         engine.module.train()
-        trained = unet_forward(engine, x, t.expand(3), embeds, negative, precision)
+        trained = model.denoise(engine, x, t.expand(3), cond, negative, precision)
         trained.float().square().mean().backward()
         grads = torch.cat([p.grad.flatten() for p in engine.params])
         results[compile_] = (sampled, trained.detach(), grads)

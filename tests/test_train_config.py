@@ -99,7 +99,7 @@ def test_cli_errors_before_any_model_is_built(tmp_path, capsys, monkeypatch, arg
     import ddpo_fast.models
     import ddpo_fast.train as train
 
-    monkeypatch.setattr(ddpo_fast.models, "load_pipeline", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(ddpo_fast.models, "load_model", lambda *a, **k: pytest.fail("a model was built"))
     assert train.cli(["--run-dir", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err
     for word in words:

@@ -9,7 +9,7 @@ pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
 from ddpo_fast import config as cfg
 from ddpo_fast import evaluate, precision
 from ddpo_fast import train
-from ddpo_fast.models import build_tiny_pipeline, place_pipeline, set_attention
+from ddpo_fast.models import build_tiny_pipeline, load_model, set_attention
 
 
 def test_mixed_precision_auto_is_bf16_on_a_gpu_and_fp32_on_a_cpu():
@@ -31,11 +31,13 @@ def test_cuda_turns_on_tf32_and_the_cudnn_autotuner():
 
 
 def test_frozen_modules_run_in_the_mixed_precision_dtype_and_the_unet_stays_fp32():
-    pipe = build_tiny_pipeline()
-    place_pipeline(pipe, torch.device("cpu"), torch.bfloat16)
-    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}  # the master weights
+    for name in ("tiny", "tiny-sdxl", "tiny-sd3"):
+        model = load_model(name)
+        model.place(torch.device("cpu"), torch.bfloat16)
+        assert {p.dtype for p in model.vae.parameters()} == {torch.bfloat16}
+        assert len(model.text_encoders()) == (1 if name == "tiny" else 2)
+        assert {p.dtype for e in model.text_encoders() for p in e.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in model.denoiser.parameters()} == {torch.float32}  # the master weights
 
 
 def test_attention_choices():
@@ -72,20 +74,21 @@ def test_evaluate_samples_on_the_device_in_batches_of_prompts(monkeypatch):
     calls = []
     original = sampling.sample_batch
 
-    def recording(unet, scheduler, embeds, *args, **kwargs):
+    def recording(model, denoiser, step, cond, *args, **kwargs):
+        embeds = cond["prompt_embeds"]
         calls.append((embeds.shape[0], embeds.device, kwargs["precision"].mode, kwargs["seed"]))
-        return original(unet, scheduler, embeds, *args, **kwargs)
+        return original(model, denoiser, step, cond, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "sample_batch", recording)  # evaluate samples through sampling
     config = cfg.from_preset("tiny-compressibility", ["mixed_precision=bf16"])
     prompts, seeds = ["cat", "dog", "horse"], [0, 7]
-    images = evaluate.sample_images(build_tiny_pipeline(), prompts, seeds, config, torch.device("cpu"), batch_size=2)
+    images = evaluate.sample_images(load_model("tiny"), prompts, seeds, config, torch.device("cpu"), batch_size=2)
     assert images.shape == (6, 3, 64, 64) and images.dtype == torch.uint8
     # 2 batches of prompts (2 + 1) x 2 seeds, on the device, in the run's precision
     assert [(n, s) for n, _, _, s in calls] == [(2, 0), (2, 7), (1, 0), (1, 7)]
     assert all(d.type == "cpu" and mode == "bf16" for _, d, mode, _ in calls)
     # Row order: prompt-major, then seed; the same prompt and seed in the same batch give the same image.
-    again = evaluate.sample_images(build_tiny_pipeline(), prompts, seeds, config, torch.device("cpu"), batch_size=2)
+    again = evaluate.sample_images(load_model("tiny"), prompts, seeds, config, torch.device("cpu"), batch_size=2)
     assert torch.equal(images, again)
     assert not torch.equal(images[0], images[1])  # seeds 0 and 7 of "cat" differ
 

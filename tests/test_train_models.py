@@ -6,7 +6,7 @@ pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ddpo_fast import shapes
-from ddpo_fast.models import build_tiny_pipeline, encode_prompts, load_pipeline, shapes_tokenizer, tiny_tokenizer
+from ddpo_fast.models import build_tiny_pipeline, load_model, shapes_tokenizer, tiny_tokenizer
 
 
 def test_tiny_tokenizer_vocabulary_built_in_code():
@@ -41,11 +41,11 @@ def test_saved_tiny_pipeline_loads_with_diffusers(tmp_path):
     pipe = build_tiny_pipeline()
     pipe.save_pretrained(tmp_path / "tiny")
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny")
-    again = load_pipeline(str(tmp_path / "tiny"))  # the trainer's model=DIR path
+    again = load_model(str(tmp_path / "tiny")).pipe  # the trainer's model=DIR path
     assert again.scheduler.__class__.__name__ == "DDIMScheduler"
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    emb = encode_prompts(pipe, ["cat", "a dog riding a bike"], "cpu")
-    assert torch.equal(emb, encode_prompts(loaded, ["cat", "a dog riding a bike"], "cpu"))
+    emb = load_model("tiny").encode(["cat", "a dog riding a bike"], "cpu")["prompt_embeds"]
+    assert torch.equal(emb, pipe.encode_prompt(["cat", "a dog riding a bike"], "cpu", 1, False)[0])  # diffusers' own
     with torch.no_grad():
         ref = pipe.unet(x, 500, encoder_hidden_states=emb).sample
         assert torch.equal(ref, loaded.unet(x, 500, encoder_hidden_states=emb).sample)
@@ -64,20 +64,20 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
     import pytest
 
     with pytest.raises(ValueError, match="model="):
-        load_pipeline(str(tmp_path / "nothing-here"))
+        load_model(str(tmp_path / "nothing-here"))
 
 
 def test_sd15_random_has_stable_diffusion_15_shapes():
     """`model=sd15-random` is SD-1.5's architecture: its parameter counts, built on the meta device."""
     with torch.device("meta"):
-        pipe = load_pipeline("sd15-random")
+        pipe = load_model("sd15-random").pipe
     assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964
     assert sum(p.numel() for p in pipe.vae.parameters()) == 83_653_863
     assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 768
     assert pipe.tokenizer.model_max_length == 77
 
 
-def test_benchmark_counts_unet_flops_per_sample():
+def test_benchmark_counts_denoiser_flops_per_sample():
     """benchmarks/train.py's MFU numerator: ~0.80 TFLOP per SD-1.5 forward at 64x64 latents, times the
     forwards of an epoch's sample (20 steps x 2 CFG rows while sampling, 3 x 20 x 2 while training)."""
     import importlib.util
@@ -87,8 +87,8 @@ def test_benchmark_counts_unet_flops_per_sample():
     spec = importlib.util.spec_from_file_location("bench_train", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    sd15 = bench.unet_flops_per_sample("sd15-random", [])
+    sd15 = bench.denoiser_flops_per_sample("sd15-random", [])
     assert abs(sd15 / (20 * 2 + 3 * 20 * 2) - 0.803e12) < 0.01e12
-    half = bench.unet_flops_per_sample("sd15-random", ["train.timestep_fraction=0.5"])
+    half = bench.denoiser_flops_per_sample("sd15-random", ["train.timestep_fraction=0.5"])
     assert abs(half / (20 * 2 + 3 * 10 * 2) - 0.803e12) < 0.01e12
-    assert 0 < bench.unet_flops_per_sample("tiny", []) < sd15 / 1000
+    assert 0 < bench.denoiser_flops_per_sample("tiny", []) < sd15 / 1000

@@ -6,36 +6,63 @@ import torch
 pytest.importorskip("diffusers")  # on the GPU machine: a carried wheel
 
 from ddpo_fast.advantages import PerPromptStatTracker, compute_advantages, global_advantages
-from ddpo_fast.models import build_tiny_pipeline, encode_prompts
-from ddpo_fast.ops import ddim_step_logprob, scheduler_alphas
+from ddpo_fast import config as cfg
+from ddpo_fast.models import load_model
 from ddpo_fast.prompts import get_prompt_fn
 from ddpo_fast.rewards import RewardPool, build, jpeg_sizes_kb
-from ddpo_fast.precision import FP32, unet_forward
-from ddpo_fast.sampling import Trajectories, choose_train_steps, decode_images, expected_bytes_per_sample, sample_batch
+from ddpo_fast.precision import FP32
+from ddpo_fast.sampling import Trajectories, choose_train_steps, expected_bytes_per_sample, sample_batch
+
+FAMILY_MODELS = ["tiny", "tiny-sdxl", "tiny-sd3"]  # one built-in model per family: sd, sdxl, sd3
+
+
+class Sampler:
+    """A built-in model with its step (6 sampling steps) and the three prompts' conditioning."""
+
+    def __init__(self, name: str):
+        self.model = load_model(name)
+        self.step = self.model.make_step(cfg.from_preset("tiny-compressibility", ["sample.num_steps=6"]).sample, "cpu")
+
+    def sample(self, storage_dtype=torch.float32, seed=3, k=3, batch=3, use_cfg=True):
+        cond = self.model.encode(["cat", "dog", "a cow riding a bike"][:batch], "cpu")
+        neg = self.model.negative_conditioning("cpu") if use_cfg else None
+        traj, final = sample_batch(self.model, self.model.denoiser, self.step, cond, neg, guidance_scale=4.0,
+                                   num_train_timesteps=k, seed=seed, storage_dtype=storage_dtype)
+        return traj, final, cond, neg
+
+
+_samplers = {}
+
+
+def sampler_of(name: str) -> Sampler:
+    if name not in _samplers:
+        _samplers[name] = Sampler(name)
+    return _samplers[name]
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = build_tiny_pipeline()
-    p.scheduler.set_timesteps(6)
-    return p
-
-
-def _sample(pipe, storage_dtype=torch.float32, seed=3, k=3, batch=3, cfg=True):
-    emb = encode_prompts(pipe, ["cat", "dog", "a cow riding a bike"][:batch], "cpu")
-    neg = encode_prompts(pipe, [""], "cpu") if cfg else None
-    traj, final = sample_batch(pipe.unet, pipe.scheduler, emb, neg, latent_shape=(4, 8, 8), eta=1.0,
-                               guidance_scale=4.0, num_train_timesteps=k, seed=seed, storage_dtype=storage_dtype)
-    return traj, final, emb, neg
+def tiny():
+    return sampler_of("tiny")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_buffer_bytes_match_formula(pipe, dtype):
-    traj, _, emb, _ = _sample(pipe, storage_dtype=dtype)
-    expected = expected_bytes_per_sample(3, (4, 8, 8), dtype, emb.shape[1:], emb.dtype)
+def test_buffer_bytes_match_formula(tiny, dtype):
+    traj, _, cond, _ = tiny.sample(storage_dtype=dtype)
+    expected = expected_bytes_per_sample(3, (4, 8, 8), dtype, cond)
     assert traj.bytes_per_sample() == expected
     assert expected == 3 * (2 * 256 * torch.empty((), dtype=dtype).element_size() + 4 + 8) + 16 * 32 * 4
     assert traj.latents.dtype == dtype and traj.next_latents.dtype == dtype and traj.log_probs.dtype == torch.float32
+
+
+def test_buffer_keeps_each_familys_conditioning():
+    """SDXL adds the pooled embedding and add_time_ids, SD3 the pooled embedding, to the per-sample buffer."""
+    for name, keys in [("tiny-sdxl", {"prompt_embeds", "pooled", "time_ids"}), ("tiny-sd3", {"prompt_embeds", "pooled"})]:
+        traj, _, cond, _ = sampler_of(name).sample(k=1, batch=2)
+        assert set(traj.conditioning) == keys and all(v.shape[0] == 2 for v in traj.conditioning.values())
+        assert traj.bytes_per_sample() == expected_bytes_per_sample(1, sampler_of(name).model.latent_shape,
+                                                                    torch.float32, cond)
+        assert torch.equal(Trajectories.cat([traj, traj]).select(torch.tensor([3])).conditioning["pooled"],
+                           cond["pooled"][1:2])
 
 
 def test_chosen_steps_are_distinct_and_sorted():
@@ -45,46 +72,48 @@ def test_chosen_steps_are_distinct_and_sorted():
     assert len({tuple(r) for r in steps.tolist()}) > 1  # chosen per sample
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_stored_log_probs_are_those_of_the_stored_latents(pipe, dtype):
-    """The first PPO ratio is 1: the log-prob recomputed from the buffer equals the stored one."""
-    traj, _, emb, neg = _sample(pipe, storage_dtype=dtype)
-    timesteps = pipe.scheduler.timesteps
+@pytest.mark.parametrize("name,dtype", [(m, torch.float32) for m in FAMILY_MODELS]
+                         + [("tiny", torch.float16), ("tiny", torch.bfloat16), ("tiny-sd3", torch.bfloat16)])
+def test_stored_log_probs_are_those_of_the_stored_latents(name, dtype):
+    """The first PPO ratio is 1: the log-prob recomputed from the buffer equals the stored one (DDIM
+    for SD and SDXL, the flow SDE step for SD3)."""
+    sampler = sampler_of(name)
+    traj, _, cond, neg = sampler.sample(storage_dtype=dtype)
     for j in range(traj.latents.shape[1]):
         x, x_next = traj.latents[:, j].contiguous(), traj.next_latents[:, j].contiguous()
-        t = timesteps[traj.step_indices[:, j]]
-        a, p = scheduler_alphas(pipe.scheduler, t, len(x), "cpu")
+        indices = traj.step_indices[:, j]
         with torch.no_grad():
-            out = unet_forward(pipe.unet, x, t, emb, neg, FP32)
-        _, log_prob = ddim_step_logprob(out, x, a, p, eta=1.0, prev_sample=x_next, guidance_scale=4.0)
+            out = sampler.model.denoise(sampler.model.denoiser, x, sampler.step.timesteps[indices], cond, neg, FP32)
+        log_prob = sampler.step.log_prob(out, x, x_next, indices, guidance_scale=4.0)
         torch.testing.assert_close(log_prob, traj.log_probs[:, j], rtol=0, atol=1e-4)
 
 
-def test_buffer_holds_the_chain_at_the_chosen_steps(pipe):
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_buffer_holds_the_chain_at_the_chosen_steps(name):
     """With every step kept, x_{t-1} of step i is x_t of step i + 1 and the last one is the output."""
-    traj, final, _, _ = _sample(pipe, k=6)
+    traj, final, _, _ = sampler_of(name).sample(k=6)
     assert torch.equal(traj.step_indices, torch.arange(6).expand(3, 6))
     assert torch.equal(traj.next_latents[:, :-1], traj.latents[:, 1:])
     assert torch.equal(traj.next_latents[:, -1], final)
     assert (traj.log_probs != 0).all()
 
 
-def test_sampling_is_reproducible_from_the_seed(pipe):
-    a, fa, _, _ = _sample(pipe, seed=11)
-    b, fb, _, _ = _sample(pipe, seed=11)
-    c, fc, _, _ = _sample(pipe, seed=12)
+def test_sampling_is_reproducible_from_the_seed(tiny):
+    a, fa, _, _ = tiny.sample(seed=11)
+    b, fb, _, _ = tiny.sample(seed=11)
+    c, fc, _, _ = tiny.sample(seed=12)
     assert torch.equal(fa, fb) and torch.equal(a.log_probs, b.log_probs)
     assert not torch.equal(fa, fc)
 
 
-def test_trajectories_select_and_cat(pipe):
-    traj, _, _, _ = _sample(pipe)
+def test_trajectories_select_and_cat(tiny):
+    traj, _, _, _ = tiny.sample()
     both = Trajectories.cat([traj, traj])
     assert len(both) == 6
     assert torch.equal(both.select(torch.tensor([4])).latents, traj.latents[1:2])
 
 
-def test_jpeg_rewards(pipe):
+def test_jpeg_rewards():
     flat = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
     noisy = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images = torch.cat([flat, noisy])
@@ -98,9 +127,9 @@ def test_jpeg_rewards(pipe):
         jpeg_sizes_kb(images.float())
 
 
-def test_reward_pool_and_user_reward(pipe):
-    _, final, _, _ = _sample(pipe)
-    images = decode_images(pipe.vae, final)
+def test_reward_pool_and_user_reward(tiny):
+    _, final, _, _ = tiny.sample()
+    images = tiny.model.decode(final)
     assert images.dtype == torch.uint8 and images.shape == (3, 3, 64, 64)
     pool = RewardPool(build("train_helpers:nan_first_reward"), workers=2)
     rewards, _ = pool.submit(images, ["a", "b", "c"], [{}, {}, {}]).result()

@@ -71,6 +71,9 @@ def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 300, *, check:
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"deepspeed run failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank in /dev/shm, i.e. RAM) must not outlive the run.
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the run left DeepSpeed's shared-memory buffers behind: {left}"
     return proc
 
 
