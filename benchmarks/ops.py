@@ -12,11 +12,14 @@ reference, and trl's scheduler_step.
     python benchmarks/ops.py --quick               # fewer sizes and repetitions
     python benchmarks/ops.py --threads 1           # every candidate on one thread
     python benchmarks/ops.py --only drop-in        # one view: drop-in, low-level, or noise (Philox per variant)
+    python benchmarks/ops.py --only low-level --ops KL   # the ops whose name has "KL" (the loss with the KL penalty)
 
 Two views. Low-level: `ddim_step_logprob` / `ddim_ppo_loss` on per-sample alphas, the step's noise
 from the in-kernel Philox stream (`cpu[ISA]` names the CPU kernel variant), against eager PyTorch and
 torch.compile with `torch.randn` outside (timed with it); "philox ns/normal" is the step with Philox
-noise minus the step reading a noise tensor, per normal. Drop-in: `ddim_step_with_logprob(scheduler,
+noise minus the step reading a noise tensor, per normal; `ddim_ppo_loss` with the KL penalty
+(reference_output, kl_beta) against the reference with the KL term, eager and compiled, beside the
+fused loss without it and with the KL computed in PyTorch beside it (bench_loss_kl). Drop-in: `ddim_step_with_logprob(scheduler,
 ...)` exactly as other DDPO code calls it: sampling with a `torch.Generator` (the same noise as
 diffusers draws, so the `torch.randn` of that noise, candidate `randn`, is every candidate's floor;
 "x randn" is each candidate's time over it), and training: the log-prob of a given `prev_sample` ->
@@ -220,6 +223,55 @@ def bench_loss(batch, shape, device, rounds, backends):
     return candidates, bytes_moved
 
 
+KL_BETA = 0.1
+
+
+def reference_loss_kl(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages,
+                      reference_output):
+    loss, _ = reference.ddim_ppo_loss(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages,
+                                      clip_range=1e-4, adv_clip_max=5.0, guidance_scale=GUIDANCE,
+                                      reference_output=reference_output, kl_beta=KL_BETA)
+    return loss
+
+
+def bench_loss_kl(batch, shape, device, rounds, backends):
+    """ddim_ppo_loss with the KL penalty to a reference output (reference_output, kl_beta), fused, against
+    the eager reference with the KL term, its torch.compile, and, per backend, the loss without the KL
+    ("no kl": the penalty's cost) and the fused loss plus the KL in PyTorch beside it ("+torch kl",
+    reference.ddim_kl: how ddpo_fast.train adds it before the fused op takes it)."""
+    model_output, sample, alpha_t, alpha_prev = make_inputs(batch, shape, device)
+    prev_sample, old_log_prob, advantages, leaf, run = loss_inputs(model_output, sample, alpha_t, alpha_prev)
+    g = torch.Generator().manual_seed(1)
+    reference_output = model_output + 0.05 * torch.randn(model_output.shape, generator=g).to(device)
+    args = (sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages)
+    compiled = torch.compile(reference_loss_kl)
+    candidates = {"eager": run(lambda: reference_loss_kl(leaf, *args, reference_output)),
+                  "compile": run(lambda: compiled(leaf, *args, reference_output))}
+    for name in backends:
+        def fused(name=name):
+            with on_backend(name):
+                return ops.ddim_ppo_loss(leaf, *args, clip_range=1e-4, adv_clip_max=5.0, guidance_scale=GUIDANCE,
+                                         reference_output=reference_output, kl_beta=KL_BETA)[0]
+
+        def without_kl(name=name):
+            with on_backend(name):
+                return ops.ddim_ppo_loss(leaf, *args, clip_range=1e-4, adv_clip_max=5.0, guidance_scale=GUIDANCE)[0]
+
+        def torch_kl(name=name):
+            with on_backend(name):
+                loss = ops.ddim_ppo_loss(leaf, *args, clip_range=1e-4, adv_clip_max=5.0, guidance_scale=GUIDANCE)[0]
+            kl = reference.ddim_kl(leaf, reference_output, alpha_t, alpha_prev, eta=1.0, guidance_scale=GUIDANCE)
+            return loss + KL_BETA * kl.mean()
+        candidates[name] = run(fused)
+        candidates[f"{name} no kl"] = run(without_kl)
+        candidates[f"{name}+torch kl"] = run(torch_kl)
+    numel = sample.numel()
+    # forward reads both halves of model_output and of reference_output, x_t, x_{t-1}; backward reads them
+    # again and writes both halves' grads
+    bytes_moved = 4 * (6 * numel + 6 * numel + 2 * numel)
+    return candidates, bytes_moved
+
+
 def drop_in_scheduler():
     from diffusers import DDIMScheduler
 
@@ -361,7 +413,8 @@ def noise_table(rounds: int) -> list[dict]:
     return rows
 
 
-LOW_LEVEL = {"ddim_step (sampling, CFG)": bench_step, "ddim_ppo_loss fwd+bwd (CFG)": bench_loss}
+LOW_LEVEL = {"ddim_step (sampling, CFG)": bench_step, "ddim_ppo_loss fwd+bwd (CFG)": bench_loss,
+             "ddim_ppo_loss+KL fwd+bwd (CFG)": bench_loss_kl}
 DROP_IN = {"drop-in step, generator (CFG)": bench_drop_in_step,
            "drop-in prev_sample->ppo->bwd (CFG)": bench_drop_in_training}
 
@@ -382,6 +435,7 @@ def main(argv=None) -> int:
                         help="torch.set_num_threads for every candidate (default: torch's; 1 is the fairest "
                              "measure on a machine that others load: no parallel region waits for a descheduled thread)")
     parser.add_argument("--only", choices=["low-level", "drop-in", "noise"], default=None, help="one view only")
+    parser.add_argument("--ops", default=None, help="only the ops whose name contains this text (e.g. KL)")
     parser.add_argument("--csv", type=Path, default=None, help="CSV output (default benchmarks/results/ops_DEVICE.csv)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -405,7 +459,8 @@ def main(argv=None) -> int:
     if device.type == "cpu" and args.only in (None, "noise"):
         noise_rows = noise_table(rounds)
     views = {"low-level": LOW_LEVEL, "drop-in": DROP_IN}
-    benches = {op: build for view, table in views.items() if args.only in (None, view) for op, build in table.items()}
+    benches = {op: build for view, table in views.items() if args.only in (None, view) for op, build in table.items()
+               if args.ops is None or args.ops in op}
 
     header = f"{'op':36} {'size':>11} {'candidate':>26} {'median ms':>10} {'GB/s':>7} {'of copy':>8} " \
              f"{'vs eager':>8} {'vs compile':>10} {'vs trl':>7} {'x randn':>8}"

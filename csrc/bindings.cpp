@@ -38,6 +38,8 @@ PYBIND11_MODULE(_C, m) {
       DDPO_FIELD(log_prob)
       DDPO_FIELD(old_log_prob) DDPO_FIELD(advantages) DDPO_FIELD(ppo_clip_range) DDPO_FIELD(adv_clip_max)
       DDPO_FIELD(loss) DDPO_FIELD(approx_kl) DDPO_FIELD(clipfrac) DDPO_FIELD(dloss_dlogp)
+      DDPO_FIELD(reference_output) DDPO_FIELD(reference_output_dtype) DDPO_FIELD(kl) DDPO_FIELD(kl_beta)
+      DDPO_FIELD(kl_mean) DDPO_FIELD(grad_kl)
       DDPO_FIELD(grad_prev_sample) DDPO_FIELD(grad_prev_sample_dtype) DDPO_FIELD(grad_log_prob)
       DDPO_FIELD(grad_model_output) DDPO_FIELD(grad_direction)
       DDPO_FIELD(workspace) DDPO_FIELD(stream) DDPO_FIELD(device);

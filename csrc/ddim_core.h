@@ -60,14 +60,28 @@ struct DdimArgs {
   uintptr_t clipfrac = 0;
   uintptr_t dloss_dlogp = 0;
 
+  // Optional KL penalty to a reference policy, for a given x_{t-1} (sample_noise false): the
+  // reference model's output (model_output's shape, both CFG halves) gives mu_ref by the same mean
+  // function, and the forward pass writes kl (batch,) = mean over elements of (mu - mu_ref)^2 /
+  // (2 sigma^2) (0 where sigma == 0). The PPO stage (its own entry point too) reads kl when set:
+  // loss += kl_beta * mean(kl), and kl_mean = mean(kl).
+  uintptr_t reference_output = 0;
+  int32_t reference_output_dtype = kFloat32;
+  uintptr_t kl = 0;       // (batch,), compute dtype: out of the forward pass, in of the PPO stage
+  double kl_beta = 0.0;
+  uintptr_t kl_mean = 0;  // out, one element (PPO stage)
+
   // CPU only: with the PPO stage, a forward call with grad_model_output set also writes
-// d loss / d model_output (for a unit upstream gradient) in the same pass over the data.
-//
-// Backward: grad_model_output = d mu / d m * (grad_prev_sample + c_b (x' - mu)),
-  // c_b = grad_log_prob[b] / (sigma_b^2 numel). grad_prev_sample is optional (0 = none).
+  // d loss / d model_output (for a unit upstream gradient) in the same pass over the data, the KL
+  // term's (d loss / d kl_b = kl_beta / batch) included.
+  //
+  // Backward: grad_model_output = d mu / d m * (grad_prev_sample + c_b (x' - mu) + k_b (mu - mu_ref)),
+  // c_b = grad_log_prob[b] / (sigma_b^2 numel), k_b = grad_kl[b] / (sigma_b^2 numel) (0 where sigma_b
+  // == 0). grad_prev_sample and grad_kl are optional (0 = none); grad_kl needs reference_output.
   uintptr_t grad_prev_sample = 0;
   int32_t grad_prev_sample_dtype = kFloat32;
   uintptr_t grad_log_prob = 0;     // (batch,), compute dtype
+  uintptr_t grad_kl = 0;           // (batch,), compute dtype, optional
   uintptr_t grad_model_output = 0;  // out, model_output's shape and dtype
 
   // CPU only, the log-probability of a given x_{t-1} (sample_noise false, no PPO stage): a forward
@@ -77,8 +91,8 @@ struct DdimArgs {
   // (1 - w, w) over the CFG halves). grad_prev_sample must be 0 then.
   uintptr_t grad_direction = 0;
 
-  // CUDA only: workspace of batch * chunks_per_sample(numel) compute-dtype partial sums,
-  // the stream (cudaStream_t as an integer) and the device index.
+  // CUDA only: workspace of batch * chunks_per_sample(numel) compute-dtype partial sums (twice that
+  // with reference_output), the stream (cudaStream_t as an integer) and the device index.
   uintptr_t workspace = 0;
   uintptr_t stream = 0;
   int32_t device = 0;

@@ -213,10 +213,45 @@ DDPO_HD void ddim_mean(const StepCoef<T>& k, T x, T m, T range, bool use_clipped
   dmu_dm = k.sqrt_p * dx0 + k.dir * deps;
 }
 
+// mu - mu_ref for the model outputs m and m_ref (guided) at the same x: ddim_mean's difference,
+// formed so that it is exactly 0 for m == m_ref whatever the compiler contracts into FMAs, and keeps
+// its relative precision for close outputs (no cancellation of two rounded means). Unclipped, mu is
+// affine in m: mu - mu_ref = mm (m - m_ref). Clipped: x0_ref's pre-clip value is x0's minus
+// cm (m - m_ref), both are clipped, and eps - eps_ref follows from m - m_ref or, with use_clipped,
+// from x0 - x0_ref.
+template <bool kClip, typename T>
+DDPO_HD T ddim_mean_gap(const StepCoef<T>& k, T x, T m, T m_ref, T range, bool use_clipped) {
+  const T dm = m - m_ref;
+  if (!kClip) return k.mm * dm;
+  const T raw = k.cx * x + k.cm * m;
+  const T raw_ref = raw - k.cm * dm;
+  const T x0 = raw < -range ? -range : (raw > range ? range : raw);
+  const T x0_ref = raw_ref < -range ? -range : (raw_ref > range ? range : raw_ref);
+  const T dx0 = x0 - x0_ref;
+  const T deps = use_clipped ? -k.sqrt_a * k.inv_sqrt_1ma * dx0 : k.em * dm;
+  return k.sqrt_p * dx0 + k.dir * deps;
+}
+
 // log_prob of a sample from the sum over its numel elements of (x' - mu)^2.
 template <typename T>
 DDPO_HD T log_prob_from_sumsq(const StepCoef<T>& k, T sumsq, int64_t numel) {
   return -T(0.5) * k.inv_var * sumsq / T(numel) + k.log_norm;
+}
+
+// ---- The KL penalty to a reference step with the same standard deviation -------------------------
+// Shared by the DDIM and flow SDE steps: per sample, KL = mean over elements of (mu - mu_ref)^2 /
+// (2 std^2), and its derivative d KL / d mu = (mu - mu_ref) / (std^2 numel). inv_var = 1 / std^2, 0
+// for a deterministic step (KL 0, no gradient, as its log_prob).
+
+template <typename T>
+DDPO_HD T kl_from_sumsq(T inv_var, T sumsq, int64_t numel) {
+  return T(0.5) * inv_var * sumsq / T(numel);
+}
+
+// The factor of (mu - mu_ref) in d loss / d mu for an upstream gradient grad_kl = d loss / d KL.
+template <typename T>
+DDPO_HD T kl_grad_coef(T inv_var, T grad_kl, int64_t numel) {
+  return grad_kl * inv_var / T(numel);
 }
 
 // ---- The clipped PPO objective (DDPO-IS), per sample --------------------------------------------

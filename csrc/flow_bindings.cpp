@@ -32,6 +32,8 @@ void bind_flow(py::module_& m) {
       DDPO_FLOW_FIELD(old_log_prob) DDPO_FLOW_FIELD(advantages) DDPO_FLOW_FIELD(ppo_clip_range)
       DDPO_FLOW_FIELD(adv_clip_max) DDPO_FLOW_FIELD(loss) DDPO_FLOW_FIELD(approx_kl) DDPO_FLOW_FIELD(clipfrac)
       DDPO_FLOW_FIELD(dloss_dlogp)
+      DDPO_FLOW_FIELD(reference_output) DDPO_FLOW_FIELD(reference_output_dtype) DDPO_FLOW_FIELD(kl)
+      DDPO_FLOW_FIELD(kl_beta) DDPO_FLOW_FIELD(kl_mean) DDPO_FLOW_FIELD(grad_kl)
       DDPO_FLOW_FIELD(grad_prev_sample) DDPO_FLOW_FIELD(grad_prev_sample_dtype)
       DDPO_FLOW_FIELD(grad_prev_sample_mean) DDPO_FLOW_FIELD(grad_prev_sample_mean_dtype)
       DDPO_FLOW_FIELD(grad_log_prob) DDPO_FLOW_FIELD(grad_model_output)

@@ -58,17 +58,29 @@ struct FlowArgs {
   uintptr_t clipfrac = 0;
   uintptr_t dloss_dlogp = 0;
 
-  // Backward: grad_model_output = cm * (grad_prev_sample + grad_prev_sample_mean + c_b (x' - mean)),
-  // c_b = -2 lp_scale_b grad_log_prob[b] / numel; both upstream tensors optional (0 = none).
+  // Optional KL penalty to a reference policy, as in DdimArgs (a given x' only): mean_ref from the
+  // reference output (velocity, both CFG halves) by the same mean function; the forward pass writes
+  // kl (batch,) = mean over elements of (mean - mean_ref)^2 / (2 noise_scale^2); the PPO stage adds
+  // kl_beta * mean(kl) to the loss and writes kl_mean.
+  uintptr_t reference_output = 0;
+  int32_t reference_output_dtype = kFloat32;
+  uintptr_t kl = 0;
+  double kl_beta = 0.0;
+  uintptr_t kl_mean = 0;
+
+  // Backward: grad_model_output = cm * (grad_prev_sample + grad_prev_sample_mean + c_b (x' - mean)
+  // + k_b (mean - mean_ref)), c_b = -2 lp_scale_b grad_log_prob[b] / numel, k_b = grad_kl[b] /
+  // (noise_scale_b^2 numel); the upstream tensors and grad_kl are optional (0 = none).
   uintptr_t grad_prev_sample = 0;
   int32_t grad_prev_sample_dtype = kFloat32;
   uintptr_t grad_prev_sample_mean = 0;
   int32_t grad_prev_sample_mean_dtype = kFloat32;
   uintptr_t grad_log_prob = 0;      // (batch,), compute dtype
+  uintptr_t grad_kl = 0;            // (batch,), compute dtype, optional; needs reference_output
   uintptr_t grad_model_output = 0;  // out, model_output's shape and dtype
 
-  // CUDA only: workspace of batch * chunks_per_sample(numel) compute-dtype partial sums, stream,
-  // device index.
+  // CUDA only: workspace of batch * chunks_per_sample(numel) compute-dtype partial sums (twice that
+  // with reference_output), stream, device index.
   uintptr_t workspace = 0;
   uintptr_t stream = 0;
   int32_t device = 0;

@@ -1,7 +1,8 @@
 // Per-sample coefficients of the flow-matching SDE step, shared by the CPU and CUDA kernels.
 // ddpo_fast/flow_reference.py is the specification; this is the same function in affine form:
 //   mean = cx x + cm v,   x' = mean + noise_scale z,
-//   log_prob = lp_scale * mean over elements of (x' - mean)^2 + lp_shift.
+//   log_prob = lp_scale * mean over elements of (x' - mean)^2 + lp_shift,
+//   KL to a reference step = mean over elements of (mean - mean_ref)^2 inv_var / 2.
 #pragma once
 #include "flow_core.h"  // first: ddim_math.h uses ddim_core.h's enums
 #include "ddim_math.h"
@@ -14,6 +15,7 @@ struct FlowCoef {
   T std_dev_t;    // what flow_grpo returns as std_dev_t
   T noise_scale;  // standard deviation of x' given x_t
   T lp_scale, lp_shift;
+  T inv_var;      // 1 / noise_scale^2, 0 for a deterministic step: the KL penalty's (ddim_math.h)
 };
 
 // cps_sin = sin(noise_level pi / 2), formed in double on the host and rounded once to T, as
@@ -43,6 +45,8 @@ DDPO_HD FlowCoef<T> make_flow_coef(T sigma, T sigma_prev, T sigma_max, T noise_l
     k.lp_scale = T(-1);  // flow_grpo's cps log-prob: -(x' - mean)^2, no constants
     k.lp_shift = T(0);
   }
+  const T var = k.noise_scale * k.noise_scale;
+  k.inv_var = var > T(0) ? T(1) / var : T(0);
   return k;
 }
 

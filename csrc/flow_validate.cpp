@@ -24,15 +24,23 @@ void validate_flow_args(const FlowArgs& a, bool backward) {
   require_dtype(a.model_output_dtype, "model_output");
   require_dtype(a.sample_dtype, "sample");
   require_dtype(a.prev_sample_dtype, "prev_sample");
+  if (a.reference_output != 0) require_dtype(a.reference_output_dtype, "reference_output");
   if (backward) {
     require_pointer(a.grad_log_prob, "grad_log_prob");
     require_pointer(a.grad_model_output, "grad_model_output");
     if (a.grad_prev_sample != 0) require_dtype(a.grad_prev_sample_dtype, "grad_prev_sample");
     if (a.grad_prev_sample_mean != 0) require_dtype(a.grad_prev_sample_mean_dtype, "grad_prev_sample_mean");
+    require(a.grad_kl == 0 || a.reference_output != 0, "grad_kl needs reference_output");
     return;
   }
   require_pointer(a.log_prob, "log_prob");
   if (a.sample_noise && a.noise != 0) require_dtype(a.noise_dtype, "noise");
+  if (a.reference_output != 0) {
+    require(!a.sample_noise, "reference_output (the KL penalty) needs a given prev_sample, not sampling");
+    require_pointer(a.kl, "kl");
+  } else {
+    require(a.kl == 0, "kl is written only with reference_output");
+  }
   if (a.old_log_prob != 0) validate_ppo_args(flow_ppo_args(a));
 }
 
@@ -50,6 +58,9 @@ DdimArgs flow_ppo_args(const FlowArgs& a) {
   d.approx_kl = a.approx_kl;
   d.clipfrac = a.clipfrac;
   d.dloss_dlogp = a.dloss_dlogp;
+  d.kl = a.kl;  // the KL penalty: the PPO stage reads the per-sample KL of the flow forward pass
+  d.kl_beta = a.kl_beta;
+  d.kl_mean = a.kl_mean;
   d.stream = a.stream;
   d.device = a.device;
   return d;

@@ -34,15 +34,26 @@ void validate_args(const DdimArgs& a, bool backward) {
   require_dtype(a.model_output_dtype, "model_output");
   require_dtype(a.sample_dtype, "sample");
   require_dtype(a.prev_sample_dtype, "prev_sample");
+  if (a.reference_output != 0) {
+    require_dtype(a.reference_output_dtype, "reference_output");
+    require(a.grad_direction == 0, "grad_direction cannot be combined with reference_output");
+  }
   if (backward) {
     require_pointer(a.grad_log_prob, "grad_log_prob");
     require_pointer(a.grad_model_output, "grad_model_output");
     if (a.grad_prev_sample != 0) require_dtype(a.grad_prev_sample_dtype, "grad_prev_sample");
     require(a.grad_direction == 0 || a.grad_prev_sample == 0, "grad_direction cannot be combined with grad_prev_sample");
+    require(a.grad_kl == 0 || a.reference_output != 0, "grad_kl needs reference_output");
     return;
   }
   require_pointer(a.log_prob, "log_prob");
   if (a.sample_noise && a.noise != 0) require_dtype(a.noise_dtype, "noise");
+  if (a.reference_output != 0) {
+    require(!a.sample_noise, "reference_output (the KL penalty) needs a given prev_sample, not sampling");
+    require_pointer(a.kl, "kl");
+  } else {
+    require(a.kl == 0, "kl is written only with reference_output");
+  }
   if (a.old_log_prob != 0) validate_ppo_args(a);
   require(a.grad_direction == 0 || (!a.sample_noise && a.old_log_prob == 0),
           "grad_direction is written only by the log-probability of a given prev_sample");
@@ -59,6 +70,10 @@ void validate_ppo_args(const DdimArgs& a) {
   require_pointer(a.dloss_dlogp, "dloss_dlogp");
   require(std::isfinite(a.ppo_clip_range) && a.ppo_clip_range > 0.0, "clip_range must be finite and > 0");
   require(std::isfinite(a.adv_clip_max) && a.adv_clip_max > 0.0, "adv_clip_max must be finite and > 0");
+  if (a.kl != 0) {  // the KL penalty
+    require_pointer(a.kl_mean, "kl_mean");
+    require(std::isfinite(a.kl_beta) && a.kl_beta >= 0.0, "kl_beta must be finite and >= 0");
+  }
 }
 
 }  // namespace ddpo

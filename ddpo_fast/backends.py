@@ -57,9 +57,17 @@ class DdimCall:
     approx_kl: torch.Tensor | None = None
     clipfrac: torch.Tensor | None = None
     dloss_dlogp: torch.Tensor | None = None
+    # KL penalty to a reference policy (a given prev_sample): the reference model's output, like
+    # model_output; the forward pass writes kl (B,), the PPO stage reads it (loss += kl_beta * mean)
+    # and writes kl_mean (0-d).
+    reference_output: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    kl_beta: float = 0.0
+    kl_mean: torch.Tensor | None = None
     # Backward.
     grad_prev_sample: torch.Tensor | None = None  # (B, N), optional
     grad_log_prob: torch.Tensor | None = None  # (B,), compute dtype
+    grad_kl: torch.Tensor | None = None  # (B,), compute dtype, optional (needs reference_output)
     grad_model_output: torch.Tensor | None = None  # out, like model_output
     # CPU only: d log_prob / d (guided) model output, (B, N) in the compute dtype; written by the
     # forward pass of a given prev_sample, read by the backward pass (see csrc/ddim_core.h).
@@ -96,7 +104,7 @@ def core_args(call: DdimCall):
         a.clip_sample, a.clip_sample_range = True, call.clip_sample_range
     if call.use_clipped_model_output:
         a.use_clipped_model_output = True
-    for name in ("model_output", "sample", "prev_sample", "noise", "grad_prev_sample"):
+    for name in ("model_output", "sample", "prev_sample", "noise", "grad_prev_sample", "reference_output"):
         t = getattr(call, name)
         if t is not None:
             setattr(a, name, t.data_ptr())
@@ -113,10 +121,12 @@ def core_args(call: DdimCall):
         a.old_log_prob, a.advantages = call.old_log_prob.data_ptr(), call.advantages.data_ptr()
         a.ppo_clip_range, a.adv_clip_max = call.ppo_clip_range, call.adv_clip_max
     for name in ("log_prob", "loss", "approx_kl", "clipfrac", "dloss_dlogp", "grad_log_prob", "grad_model_output",
-                 "grad_direction"):
+                 "grad_direction", "kl", "kl_mean", "grad_kl"):
         t = getattr(call, name)
         if t is not None:
             setattr(a, name, t.data_ptr())
+    if call.kl_beta:
+        a.kl_beta = call.kl_beta
     return a
 
 
@@ -152,8 +162,8 @@ class _CoreCUDA:
         device = call.sample.device
         args.device = device.index if device.index is not None else torch.cuda.current_device()
         args.stream = torch.cuda.current_stream(device).cuda_stream
-        if with_workspace:
-            chunks = _C.chunks_per_sample(call.numel)
+        if with_workspace:  # the KL penalty's partial sums in a second half
+            chunks = _C.chunks_per_sample(call.numel) * (2 if call.reference_output is not None else 1)
             call._workspace = torch.empty(call.batch * chunks, dtype=call.compute_dtype, device=device)
             args.workspace = call._workspace.data_ptr()
         return args

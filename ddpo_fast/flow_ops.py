@@ -27,9 +27,10 @@ from torch import Tensor
 
 from ddpo_fast import flow_reference, reference
 from ddpo_fast.backends import DTYPE_CODES, _C, resolve_backend
-from ddpo_fast.ops import (_check_float64_consistency, _check_latents, _check_number, _check_ppo_inputs,
-                           _check_prev_sample, _check_step_sources, _check_tensor, _flat, _per_sample_alphas,
-                           _randn_like_diffusers, _reject_grad)
+from ddpo_fast.ops import (_check_float64_consistency, _check_kl_penalty, _check_latents, _check_number,
+                           _check_ppo_inputs, _check_prev_sample, _check_step_sources, _check_tensor, _flat,
+                           _kl_grad_inputs, _kl_outputs, _loss_stats, _per_sample_alphas, _randn_like_diffusers,
+                           _reject_grad, _unit_kl_grad)
 
 __all__ = ["flow_sde_step_with_logprob", "flow_sde_step_logprob", "flow_sde_ppo_loss", "scheduler_sigmas",
            "FlowSdeStepOutput", "SDE_TYPES"]
@@ -69,9 +70,14 @@ class FlowCall:
     approx_kl: Optional[Tensor] = None
     clipfrac: Optional[Tensor] = None
     dloss_dlogp: Optional[Tensor] = None
+    reference_output: Optional[Tensor] = None  # the KL penalty, as in DdimCall
+    kl: Optional[Tensor] = None
+    kl_beta: float = 0.0
+    kl_mean: Optional[Tensor] = None
     grad_prev_sample: Optional[Tensor] = None
     grad_prev_sample_mean: Optional[Tensor] = None
     grad_log_prob: Optional[Tensor] = None
+    grad_kl: Optional[Tensor] = None
     grad_model_output: Optional[Tensor] = None
 
     @property
@@ -93,18 +99,20 @@ def _core_args(call: FlowCall):
     a.sde_type, a.noise_level, a.sigma_max = call.sde_type, call.noise_level, call.sigma_max
     a.cfg = call.guidance_scale is not None
     a.guidance_scale = 1.0 if call.guidance_scale is None else call.guidance_scale
-    for name in ("model_output", "sample", "prev_sample", "noise", "grad_prev_sample", "grad_prev_sample_mean"):
+    for name in ("model_output", "sample", "prev_sample", "noise", "grad_prev_sample", "grad_prev_sample_mean",
+                 "reference_output"):
         t = getattr(call, name)
         if t is not None:
             setattr(a, name, t.data_ptr())
             setattr(a, name + "_dtype", DTYPE_CODES[t.dtype])
     for name in ("sigma", "sigma_prev", "log_prob", "prev_sample_mean", "std_dev_t", "old_log_prob", "advantages",
-                 "loss", "approx_kl", "clipfrac", "dloss_dlogp", "grad_log_prob", "grad_model_output"):
+                 "loss", "approx_kl", "clipfrac", "dloss_dlogp", "grad_log_prob", "grad_model_output", "kl", "kl_mean",
+                 "grad_kl"):
         t = getattr(call, name)
         if t is not None:
             setattr(a, name, t.data_ptr())
     a.sample_noise, a.seed, a.offset = call.sample_noise, call.seed, call.offset
-    a.ppo_clip_range, a.adv_clip_max = call.ppo_clip_range, call.adv_clip_max
+    a.ppo_clip_range, a.adv_clip_max, a.kl_beta = call.ppo_clip_range, call.adv_clip_max, call.kl_beta
     return a
 
 
@@ -113,8 +121,8 @@ def _cuda_args(call: FlowCall):
     device = call.sample.device
     a.device = device.index if device.index is not None else torch.cuda.current_device()
     a.stream = torch.cuda.current_stream(device).cuda_stream
-    call._workspace = torch.empty(call.batch * _C.chunks_per_sample(call.numel), dtype=call.compute_dtype,
-                                  device=device)
+    chunks = _C.chunks_per_sample(call.numel) * (2 if call.reference_output is not None else 1)  # + KL partials
+    call._workspace = torch.empty(call.batch * chunks, dtype=call.compute_dtype, device=device)
     a.workspace = call._workspace.data_ptr()
     return a
 
@@ -200,7 +208,9 @@ def _flow_backward_op(
     grad_prev_sample: Optional[Tensor], grad_prev_sample_mean: Optional[Tensor], grad_log_prob: Tensor,
     model_output: Tensor, sample: Tensor, prev_sample: Tensor, sigma: Tensor, sigma_prev: Tensor,
     noise_level: float, sde_type: int, sigma_max: float, guidance_scale: Optional[float],
+    reference_output: Optional[Tensor] = None, grad_kl: Optional[Tensor] = None,
 ) -> Tensor:
+    """d loss / d model_output from the upstream gradients, plus with grad_kl (B,) the KL penalty's."""
     batch, rows = sample.shape[0], model_output.shape[0]
     grad = torch.empty_like(model_output)
     call = FlowCall(
@@ -209,14 +219,15 @@ def _flow_backward_op(
         guidance_scale=guidance_scale,
         grad_prev_sample=None if grad_prev_sample is None else _flat(grad_prev_sample.contiguous(), batch),
         grad_prev_sample_mean=None if grad_prev_sample_mean is None else _flat(grad_prev_sample_mean.contiguous(), batch),
-        grad_log_prob=grad_log_prob.to(sigma.dtype).contiguous(), grad_model_output=_flat(grad, rows))
+        grad_log_prob=grad_log_prob.to(sigma.dtype).contiguous(), grad_model_output=_flat(grad, rows),
+        **_kl_grad_inputs(reference_output, grad_kl, rows, sigma.dtype))
     _dispatch(call, "backward")
     return grad
 
 
 @_flow_backward_op.register_fake
 def _(grad_prev_sample, grad_prev_sample_mean, grad_log_prob, model_output, sample, prev_sample, sigma, sigma_prev,
-      noise_level, sde_type, sigma_max, guidance_scale):
+      noise_level, sde_type, sigma_max, guidance_scale, reference_output=None, grad_kl=None):
     return torch.empty_like(model_output)
 
 
@@ -269,49 +280,64 @@ def _flow_ppo_loss_op(
     model_output: Tensor, sample: Tensor, prev_sample: Tensor, sigma: Tensor, sigma_prev: Tensor,
     old_log_prob: Tensor, advantages: Tensor, noise_level: float, sde_type: int, sigma_max: float,
     guidance_scale: Optional[float], clip_range: float, adv_clip_max: float, with_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Outputs: loss, log_prob, approx_kl, clipfrac, dloss_dlogp, and with `with_grad` (CPU backend)
-    d loss / d model_output for a unit upstream gradient, made in the same pass (else empty)."""
+    reference_output: Optional[Tensor] = None, kl_beta: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Outputs: loss, log_prob, approx_kl, clipfrac, dloss_dlogp, with `with_grad` (CPU backend)
+    d loss / d model_output for a unit upstream gradient, made in the same pass (else empty), and with
+    reference_output the batch mean of the KL to the reference step (else empty; the loss then
+    includes kl_beta times it)."""
     batch, rows = sample.shape[0], model_output.shape[0]
     stats = {name: sigma.new_empty(()) for name in ("loss", "approx_kl", "clipfrac")}
+    kl = _kl_outputs(batch, sigma, reference_output)
     dloss_dlogp = sigma.new_empty(batch)
     grad = torch.empty_like(model_output) if with_grad else model_output.new_empty(0)
     _, log_prob, _, _ = _run_forward(
         model_output, sample, sigma, sigma_prev, prev_sample, None, 0, 0, noise_level, sde_type, sigma_max,
         guidance_scale, prev_sample.dtype, False, old_log_prob=old_log_prob, advantages=advantages,
         ppo_clip_range=clip_range, adv_clip_max=adv_clip_max, dloss_dlogp=dloss_dlogp,
-        grad_model_output=_flat(grad, rows) if with_grad else None, **stats)
-    return stats["loss"], log_prob, stats["approx_kl"], stats["clipfrac"], dloss_dlogp, grad
+        grad_model_output=_flat(grad, rows) if with_grad else None, reference_output=_flat(reference_output, rows),
+        kl_beta=kl_beta, **kl, **stats)
+    return (stats["loss"], log_prob, stats["approx_kl"], stats["clipfrac"], dloss_dlogp, grad,
+            kl.get("kl_mean", sigma.new_empty(0)))
 
 
 @_flow_ppo_loss_op.register_fake
 def _(model_output, sample, prev_sample, sigma, sigma_prev, old_log_prob, advantages, noise_level, sde_type,
-      sigma_max, guidance_scale, clip_range, adv_clip_max, with_grad):
+      sigma_max, guidance_scale, clip_range, adv_clip_max, with_grad, reference_output=None, kl_beta=0.0):
     batch = sample.shape[0]
     grad = torch.empty_like(model_output) if with_grad else model_output.new_empty(0)
+    kl_mean = sigma.new_empty(() if reference_output is not None else 0)
     return (sigma.new_empty(()), sigma.new_empty(batch), sigma.new_empty(()), sigma.new_empty(()),
-            sigma.new_empty(batch), grad)
+            sigma.new_empty(batch), grad, kl_mean)
+
+
+_PPO_INPUTS = ("model_output", "sample", "prev_sample", "sigma", "sigma_prev", "old_log_prob", "advantages", *_POLICY,
+               "clip_range", "adv_clip_max", "with_grad", "reference_output", "kl_beta")
 
 
 def _setup_ppo(ctx, inputs, output):
-    args = dict(zip(("model_output", "sample", "prev_sample", "sigma", "sigma_prev", "old_log_prob", "advantages",
-                     *_POLICY, "clip_range", "adv_clip_max", "with_grad"), inputs))
+    args = dict(zip(_PPO_INPUTS, inputs))
     ctx.save_for_backward(args["model_output"], args["sample"], args["prev_sample"], args["sigma"],
-                          args["sigma_prev"], output[4], output[5])
+                          args["sigma_prev"], output[4], output[5], args["reference_output"])
     ctx.policy = {n: args[n] for n in _POLICY}
+    ctx.kl_beta = args["kl_beta"]
     ctx.set_materialize_grads(False)
 
 
 def _backward_ppo(ctx, grad_loss, *_unused_stat_grads):
+    none = (None,) * (len(_PPO_INPUTS) - 1)
     if grad_loss is None:  # only the statistics were used
-        return (None,) * 14
-    model_output, sample, prev_sample, sigma, sigma_prev, dloss_dlogp, unit_grad = ctx.saved_tensors
+        return (None,) + none
+    model_output, sample, prev_sample, sigma, sigma_prev, dloss_dlogp, unit_grad, reference_output = ctx.saved_tensors
     if unit_grad.numel():  # made in the forward pass (CPU); scaled unless the upstream gradient is 1
         unit = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.item() == 1.0
-        return (unit_grad if unit else unit_grad * grad_loss,) + (None,) * 13
+        return (unit_grad if unit else unit_grad * grad_loss,) + none
+    grad_kl = None
+    if reference_output is not None and ctx.kl_beta > 0:
+        grad_kl = _unit_kl_grad(ctx.kl_beta, sigma, grad_loss)
     grad = _flow_backward_op(None, None, dloss_dlogp * grad_loss, model_output, sample, prev_sample, sigma,
-                             sigma_prev, **ctx.policy)
-    return (grad,) + (None,) * 13
+                             sigma_prev, **ctx.policy, reference_output=reference_output, grad_kl=grad_kl)
+    return (grad,) + none
 
 
 _flow_ppo_loss_op.register_autograd(_backward_ppo, setup_context=_setup_ppo)
@@ -445,21 +471,32 @@ def flow_sde_ppo_loss(
     sde_type: str = "sde",
     sigma_max: Optional[float] = None,
     guidance_scale: Optional[float] = None,
+    reference_output: Optional[Tensor] = None,
+    kl_beta: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Flow-GRPO's clipped policy loss of one step in one fused pass: the log-probability of the
     stored x' (`prev_sample`) under the current `model_output`, then ddpo_fast.ops.ppo_clip_loss's
     objective on it. Differentiable with respect to model_output (both CFG halves); returns
-    (loss, {"approx_kl", "clipfrac", "log_prob"})."""
+    (loss, {"approx_kl", "clipfrac", "log_prob"}, plus "kl" with reference_output), stats detached.
+
+    KL penalty (Flow-GRPO's beta): with `reference_output` (the reference model's velocity for the
+    same inputs, laid out as model_output; must not require grad), the same pass computes per sample
+    KL_b = mean over the latent's elements of (mean - mean_ref)^2 / (2 std^2), std = std_t sqrt(-dt)
+    for "sde" and std_t for "cps" (0 for a deterministic step), and the loss becomes PPO loss +
+    kl_beta * mean_b KL_b, with its gradient; stats["kl"] = mean_b KL_b. kl_beta (finite, >= 0) > 0
+    needs reference_output."""
     noise_level, sde_type, sigma_max, guidance_scale = _check_flow_policy(noise_level, sde_type, sigma_max,
                                                                           guidance_scale)
     batch, _ = _check_latents(model_output, sample, guidance_scale)
     _check_prev_sample(prev_sample, sample)
     clip_range, adv_clip_max = _check_ppo_inputs(sample, old_log_prob, advantages, clip_range, adv_clip_max, batch)
+    kl_beta = _check_kl_penalty(reference_output, kl_beta, model_output, sample)
     sigma_t = _per_sample_alphas("sigma", sigma, batch, sample)
     sigma_p = _per_sample_alphas("sigma_prev", sigma_prev, batch, sample)
-    _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample)
+    _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample,
+                               reference_output=reference_output)
     _reject_grad("flow_sde_ppo_loss", sample=sample, prev_sample=prev_sample, old_log_prob=old_log_prob,
-                 advantages=advantages, sigma=sigma_t, sigma_prev=sigma_p)
+                 advantages=advantages, sigma=sigma_t, sigma_prev=sigma_p, reference_output=reference_output)
     dtype = reference.compute_dtype(model_output, sample, prev_sample)
     sigma_t, sigma_p = sigma_t.to(dtype).contiguous(), sigma_p.to(dtype).contiguous()
     _check_sigma_values(sigma_t, sigma_p, sde_type, sigma_max)
@@ -467,17 +504,17 @@ def flow_sde_ppo_loss(
         return flow_reference.flow_sde_ppo_loss(
             model_output, sample, prev_sample, sigma_t, sigma_p, old_log_prob, advantages, clip_range=clip_range,
             adv_clip_max=adv_clip_max, noise_level=noise_level, sde_type=sde_type, sigma_max=sigma_max,
-            guidance_scale=guidance_scale)
+            guidance_scale=guidance_scale, reference_output=reference_output, kl_beta=kl_beta)
     # On CPU the forward pass also makes the gradient while the data is in cache (eager only: a
     # traced graph keeps the separate backward kernel).
     with_grad = (resolve_backend(sample.device) == "cpu" and not torch.compiler.is_compiling()
                  and torch.is_grad_enabled() and model_output.requires_grad)
-    loss, log_prob, approx_kl, clipfrac, _, _ = _flow_ppo_loss_op(
+    loss, log_prob, approx_kl, clipfrac, _, _, kl_mean = _flow_ppo_loss_op(
         model_output, sample, prev_sample, sigma_t, sigma_p, old_log_prob.to(dtype).contiguous(),
         advantages.to(dtype).contiguous(), noise_level=noise_level, sde_type=_SDE_CODES[sde_type],
         sigma_max=sigma_max or 0.0, guidance_scale=guidance_scale, clip_range=clip_range, adv_clip_max=adv_clip_max,
-        with_grad=with_grad)
-    return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach(), "log_prob": log_prob.detach()}
+        with_grad=with_grad, reference_output=reference_output, kl_beta=kl_beta)
+    return loss, _loss_stats(approx_kl, clipfrac, log_prob, [kl_mean] if reference_output is not None else [])
 
 
 # ---- diffusers FlowMatchEulerDiscreteScheduler adapter -----------------------------------------

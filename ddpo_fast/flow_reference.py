@@ -20,6 +20,12 @@ cps (coefficients-preserving sampling, as flow_grpo implements it):
     x'       = mean + std_t z
     log_prob = -mean over the non-batch dims of (x' - mean)^2   (no constants, no 1 / (2 std^2))
 
+KL penalty to a reference policy: the reference step from the reference model's velocity v_ref (after
+the same guidance), mean_ref from the same mean function, the same step std, so per sample
+    KL = mean over the non-batch dims of (mean - mean_ref)^2 / (2 step_std^2)
+with step_std = std_t sqrt(-dt) (sde) or std_t (cps) (reference.gaussian_kl; flow_grpo leaves the dt
+out of the sde std there: flow_grpo#78, #111).
+
 A deterministic sde step (std_t sqrt(-dt) == 0, i.e. noise_level 0) has log_prob 0 with zero
 gradient, as the DDIM op defines it (flow_grpo divides by zero there). Everything is computed in
 float32, or in float64 when any floating input is float64.
@@ -30,8 +36,8 @@ import math
 
 import torch
 
-from ddpo_fast.reference import (LOG_SQRT_2PI, _per_sample, apply_guidance, compute_dtype, philox_normal,
-                                 ppo_clip_loss)
+from ddpo_fast.reference import (LOG_SQRT_2PI, _per_sample, add_kl_penalty, apply_guidance, compute_dtype,
+                                 gaussian_kl, philox_normal, ppo_clip_loss)
 
 SDE_TYPES = ("sde", "cps")
 
@@ -130,11 +136,17 @@ def flow_sde_ppo_loss(
     sde_type: str = "sde",
     sigma_max: float | None = None,
     guidance_scale: float | None = None,
+    reference_output: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Log-prob of the stored x' under the current model output, then the clipped PPO loss."""
-    _, log_prob, _, _ = flow_sde_step(model_output, sample, sigma, sigma_prev, noise_level=noise_level,
-                                      sde_type=sde_type, sigma_max=sigma_max, prev_sample=prev_sample,
-                                      guidance_scale=guidance_scale)
+    """Log-prob of the stored x' under the current model output, then the clipped PPO loss; with
+    `reference_output`, plus kl_beta * the batch mean of the KL to the reference step (stats "kl")."""
+    policy = dict(sigma_max=sigma_max, guidance_scale=guidance_scale)
+    mean, _, step_std = flow_sde_mean(model_output, sample, sigma, sigma_prev, noise_level, sde_type, **policy)
+    log_prob = flow_sde_log_prob(prev_sample, mean, step_std, sde_type)
     loss, stats = ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max)
     stats["log_prob"] = log_prob.detach()
+    if reference_output is not None:
+        mean_ref, _, _ = flow_sde_mean(reference_output, sample, sigma, sigma_prev, noise_level, sde_type, **policy)
+        loss, stats = add_kl_penalty(loss, stats, gaussian_kl(mean, mean_ref, step_std), kl_beta)
     return loss, stats

@@ -200,6 +200,32 @@ def _check_step_sources(sample: Tensor, prev_sample, noise, seed, offset, out_dt
     return seed, offset, out_dtype
 
 
+def _check_kl_penalty(reference_output, kl_beta, model_output: Tensor, sample: Tensor) -> float:
+    """The KL penalty's arguments of a loss op (DDIM and flow SDE alike): kl_beta finite and >= 0, > 0
+    only with reference_output, which is laid out as model_output (its shape, CFG halves too) on
+    sample's device. Returns kl_beta as a float; the caller adds reference_output to its float64 and
+    requires-grad checks."""
+    kl_beta = _check_number("kl_beta", kl_beta, low=0.0)
+    if reference_output is None:
+        if kl_beta > 0:
+            raise ValueError(f"kl_beta = {kl_beta} > 0 needs reference_output (the reference model's output)")
+        return kl_beta
+    _check_tensor("reference_output", reference_output)
+    if reference_output.shape != model_output.shape:
+        raise ValueError(f"reference_output must have model_output's shape {tuple(model_output.shape)}, "
+                         f"got {tuple(reference_output.shape)}")
+    _check_same_device("sample", sample, reference_output=reference_output)
+    return kl_beta
+
+
+def _kl_outputs(batch: int, like: Tensor, reference_output: Optional[Tensor]) -> dict:
+    """The KL penalty's outputs of a loss call: per-sample kl (B,) and kl_mean (0-d); none without
+    a reference output."""
+    if reference_output is None:
+        return {}
+    return {"kl": like.new_empty(batch), "kl_mean": like.new_empty(())}
+
+
 def _reject_grad(op: str, **tensors: Optional[Tensor]) -> None:
     for name, t in tensors.items():
         if t is not None and t.requires_grad:
@@ -269,7 +295,10 @@ def _ddim_step_backward_op(
     grad_prev_sample: Optional[Tensor], grad_log_prob: Tensor, model_output: Tensor, sample: Tensor,
     prev_sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, eta: float, guidance_scale: Optional[float],
     prediction: int, clip_sample_range: Optional[float], use_clipped_model_output: bool,
+    reference_output: Optional[Tensor] = None, grad_kl: Optional[Tensor] = None,
 ) -> Tensor:
+    """d loss / d model_output from d loss / d log_prob (and d loss / d x_{t-1}), plus with grad_kl
+    (B,) the KL penalty's term, d loss / d kl_b times d kl_b / d model_output."""
     batch, rows = sample.shape[0], model_output.shape[0]
     grad = torch.empty_like(model_output)
     if grad_prev_sample is not None:
@@ -281,6 +310,7 @@ def _ddim_step_backward_op(
         use_clipped_model_output=use_clipped_model_output,
         grad_prev_sample=_flat(grad_prev_sample, batch),
         grad_log_prob=grad_log_prob.to(alpha_t.dtype).contiguous(), grad_model_output=_flat(grad, rows),
+        **_kl_grad_inputs(reference_output, grad_kl, rows, alpha_t.dtype),
     )
     runner(resolve_backend(sample.device)).backward(call)
     return grad
@@ -288,8 +318,21 @@ def _ddim_step_backward_op(
 
 @_ddim_step_backward_op.register_fake
 def _(grad_prev_sample, grad_log_prob, model_output, sample, prev_sample, alpha_t, alpha_prev, eta,
-      guidance_scale, prediction, clip_sample_range, use_clipped_model_output):
+      guidance_scale, prediction, clip_sample_range, use_clipped_model_output, reference_output=None, grad_kl=None):
     return torch.empty_like(model_output)
+
+
+def _kl_grad_inputs(reference_output: Optional[Tensor], grad_kl: Optional[Tensor], rows: int, dtype) -> dict:
+    """The KL penalty's inputs of a backward call: none unless both are given."""
+    if reference_output is None or grad_kl is None:
+        return {}
+    return {"reference_output": _flat(reference_output, rows), "grad_kl": grad_kl.to(dtype).contiguous()}
+
+
+def _unit_kl_grad(kl_beta: float, like: Tensor, grad_loss: Tensor) -> Tensor:
+    """d loss / d kl_b = kl_beta / B times the upstream gradient, (B,) like `like`. kl_beta / B is
+    rounded once from a Python float, as the CPU kernels' one-pass gradient forms it."""
+    return like.new_full(like.shape, kl_beta / like.shape[0]) * grad_loss
 
 
 def _policy_args(inputs) -> dict:
@@ -353,12 +396,15 @@ def _ddim_ppo_loss_op(
     model_output: Tensor, sample: Tensor, prev_sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor,
     old_log_prob: Tensor, advantages: Tensor, eta: float, guidance_scale: Optional[float], prediction: int,
     clip_sample_range: Optional[float], use_clipped_model_output: bool, clip_range: float, adv_clip_max: float,
-    with_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Outputs: loss, log_prob, approx_kl, clipfrac, dloss_dlogp, and with `with_grad` (CPU backend)
-    d loss / d model_output for a unit upstream gradient, made in the same pass (else empty)."""
+    with_grad: bool, reference_output: Optional[Tensor] = None, kl_beta: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Outputs: loss, log_prob, approx_kl, clipfrac, dloss_dlogp, with `with_grad` (CPU backend)
+    d loss / d model_output for a unit upstream gradient, made in the same pass (else empty), and with
+    reference_output the batch mean of the KL to the reference step (else empty; the loss then
+    includes kl_beta times it)."""
     batch, rows = sample.shape[0], model_output.shape[0]
     outputs = _ppo_outputs(batch, alpha_t)
+    kl = _kl_outputs(batch, alpha_t, reference_output)
     grad = torch.empty_like(model_output) if with_grad else model_output.new_empty(0)
     call = DdimCall(
         model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
@@ -366,45 +412,56 @@ def _ddim_ppo_loss_op(
         eta=eta, guidance_scale=guidance_scale, prediction=prediction, clip_sample_range=clip_sample_range,
         use_clipped_model_output=use_clipped_model_output, old_log_prob=old_log_prob, advantages=advantages,
         ppo_clip_range=clip_range, adv_clip_max=adv_clip_max, grad_model_output=_flat(grad, rows) if with_grad else None,
-        **outputs,
+        reference_output=_flat(reference_output, rows), kl_beta=kl_beta, **kl, **outputs,
     )
     runner(resolve_backend(sample.device)).forward(call)
-    return outputs["loss"], call.log_prob, outputs["approx_kl"], outputs["clipfrac"], outputs["dloss_dlogp"], grad
+    return (outputs["loss"], call.log_prob, outputs["approx_kl"], outputs["clipfrac"], outputs["dloss_dlogp"], grad,
+            kl.get("kl_mean", alpha_t.new_empty(0)))
 
 
 @_ddim_ppo_loss_op.register_fake
 def _(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, eta, guidance_scale,
-      prediction, clip_sample_range, use_clipped_model_output, clip_range, adv_clip_max, with_grad):
+      prediction, clip_sample_range, use_clipped_model_output, clip_range, adv_clip_max, with_grad,
+      reference_output=None, kl_beta=0.0):
     batch = sample.shape[0]
     grad = torch.empty_like(model_output) if with_grad else model_output.new_empty(0)
+    kl_mean = alpha_t.new_empty(() if reference_output is not None else 0)
     return (alpha_t.new_empty(()), alpha_t.new_empty(batch), alpha_t.new_empty(()), alpha_t.new_empty(()),
-            alpha_t.new_empty(batch), grad)
+            alpha_t.new_empty(batch), grad, kl_mean)
+
+
+_DDIM_PPO_INPUTS = ("model_output", "sample", "prev_sample", "alpha_t", "alpha_prev", "old_log_prob", "advantages",
+                    "eta", "guidance_scale", "prediction", "clip_sample_range", "use_clipped_model_output",
+                    "clip_range", "adv_clip_max", "with_grad", "reference_output", "kl_beta")
 
 
 def _setup_ddim_ppo(ctx, inputs, output):
-    args = dict(zip(("model_output", "sample", "prev_sample", "alpha_t", "alpha_prev", "old_log_prob",
-                     "advantages", "eta", "guidance_scale", "prediction", "clip_sample_range",
-                     "use_clipped_model_output", "clip_range", "adv_clip_max", "with_grad"), inputs))
+    args = dict(zip(_DDIM_PPO_INPUTS, inputs))
     ctx.save_for_backward(args["model_output"], args["sample"], args["prev_sample"], args["alpha_t"],
-                          args["alpha_prev"], output[4], output[5])
+                          args["alpha_prev"], output[4], output[5], args["reference_output"])
     ctx.policy = _policy_args(args)
+    ctx.kl_beta = args["kl_beta"]
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the stats and the unit gradient
 
 
 def _backward_ddim_ppo(ctx, grad_loss, *_unused_stat_grads):
+    none = (None,) * (len(_DDIM_PPO_INPUTS) - 1)
     if grad_loss is None:  # only the statistics were used
-        return (None,) * 15
-    model_output, sample, prev_sample, alpha_t, alpha_prev, dloss_dlogp, unit_grad = ctx.saved_tensors
+        return (None,) + none
+    model_output, sample, prev_sample, alpha_t, alpha_prev, dloss_dlogp, unit_grad, reference_output = ctx.saved_tensors
     # The gradient made in the forward pass (CPU): as it is for an upstream gradient of exactly 1,
     # else scaled (the trainers backpropagate loss / accumulation steps); either way cheaper than
     # re-reading the inputs. The value is read only from a real CPU tensor (no device sync); a traced
     # backward (fake or functional tensors) always scales.
     if unit_grad.numel():
         unit = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.item() == 1.0
-        return (unit_grad if unit else unit_grad * grad_loss,) + (None,) * 14
+        return (unit_grad if unit else unit_grad * grad_loss,) + none
+    grad_kl = None
+    if reference_output is not None and ctx.kl_beta > 0:
+        grad_kl = _unit_kl_grad(ctx.kl_beta, alpha_t, grad_loss)
     grad = _ddim_step_backward_op(None, dloss_dlogp * grad_loss, model_output, sample, prev_sample, alpha_t,
-                                  alpha_prev, **ctx.policy)
-    return (grad,) + (None,) * 14
+                                  alpha_prev, **ctx.policy, reference_output=reference_output, grad_kl=grad_kl)
+    return (grad,) + none
 
 
 _ddim_ppo_loss_op.register_autograd(_backward_ddim_ppo, setup_context=_setup_ddim_ppo)
@@ -463,15 +520,16 @@ def _eager(backend: str) -> bool:
 
 
 def _log_prob_backward(backend, policy, model_output, sample, prev_sample, alpha_t, alpha_prev, grad_log_prob,
-                       direction=None) -> Tensor:
-    """d loss / d model_output from d loss / d log_prob, by the backend's backward kernel (which only
-    scales `direction` when the forward pass wrote one)."""
+                       direction=None, reference_output=None, grad_kl=None) -> Tensor:
+    """d loss / d model_output from d loss / d log_prob (and d loss / d kl_b, the KL penalty's), by the
+    backend's backward kernel (which only scales `direction` when the forward pass wrote one)."""
     batch, rows = sample.shape[0], model_output.shape[0]
     grad = torch.empty_like(model_output)
     call = DdimCall(
         model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t, alpha_prev=alpha_prev,
         prev_sample=_flat(prev_sample, batch), grad_log_prob=grad_log_prob.to(alpha_t.dtype).contiguous(),
-        grad_model_output=_flat(grad, rows), grad_direction=_flat(direction, batch), **policy)
+        grad_model_output=_flat(grad, rows), grad_direction=_flat(direction, batch),
+        **_kl_grad_inputs(reference_output, grad_kl, rows, alpha_t.dtype), **policy)
     runner(backend).backward(call)
     return grad
 
@@ -541,38 +599,47 @@ class _PpoClipLoss(torch.autograd.Function):
 class _DdimPpoLoss(torch.autograd.Function):
     """ddim_ppo_loss in eager mode, without the custom-op dispatch. On the CPU backend the forward
     pass also writes the gradient for a unit upstream gradient (one pass over the data); the first
-    backward hands it over (scaled in place for another upstream gradient) and keeps no reference."""
+    backward hands it over (scaled in place for another upstream gradient) and keeps no reference.
+    With reference_output the loss includes kl_beta times the mean KL, which is returned last."""
 
     @staticmethod
     def forward(ctx, model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, clip_range,
-                adv_clip_max, backend, policy):
+                adv_clip_max, backend, policy, reference_output, kl_beta):
         batch, rows = sample.shape[0], model_output.shape[0]
         with_grad = ctx.needs_input_grad[0] and backend == "cpu"
         outputs = _ppo_outputs(batch, alpha_t)
+        kl = _kl_outputs(batch, alpha_t, reference_output)
         grad = torch.empty_like(model_output) if with_grad else None
         call = DdimCall(
             model_output=_flat(model_output, rows), sample=_flat(sample, batch), alpha_t=alpha_t,
             alpha_prev=alpha_prev, prev_sample=_flat(prev_sample, batch), log_prob=alpha_t.new_empty(batch),
             old_log_prob=old_log_prob, advantages=advantages, ppo_clip_range=clip_range, adv_clip_max=adv_clip_max,
-            grad_model_output=_flat(grad, rows), **outputs, **policy)
+            grad_model_output=_flat(grad, rows), reference_output=_flat(reference_output, rows), kl_beta=kl_beta,
+            **kl, **outputs, **policy)
         runner(backend).forward(call)
         ctx.unit_grad = grad
         if ctx.needs_input_grad[0]:  # also for a second backward (retain_graph) after the first took grad
-            ctx.save_for_backward(model_output, sample, prev_sample, alpha_t, alpha_prev, outputs["dloss_dlogp"])
-            ctx.backend, ctx.policy = backend, policy
-        ctx.mark_non_differentiable(call.log_prob, outputs["approx_kl"], outputs["clipfrac"])
-        return outputs["loss"], call.log_prob, outputs["approx_kl"], outputs["clipfrac"]
+            ctx.save_for_backward(model_output, sample, prev_sample, alpha_t, alpha_prev, outputs["dloss_dlogp"],
+                                  reference_output)
+            ctx.backend, ctx.policy, ctx.kl_beta = backend, policy, kl_beta
+        stats = (call.log_prob, outputs["approx_kl"], outputs["clipfrac"]) + ((kl["kl_mean"],) if kl else ())
+        ctx.mark_non_differentiable(*stats)
+        return (outputs["loss"],) + stats
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused_stat_grads):
-        none = (None,) * 10
+        none = (None,) * 12
         grad, ctx.unit_grad = ctx.unit_grad, None
         if grad is not None:  # made by the forward pass, for the first backward; ours alone: scaled in place
             if grad_loss.item() != 1.0:  # a CPU tensor: no device synchronisation
                 grad.mul_(grad_loss.to(grad.dtype))
             return (grad,) + none
-        *inputs, dloss_dlogp = ctx.saved_tensors
-        return (_log_prob_backward(ctx.backend, ctx.policy, *inputs, dloss_dlogp * grad_loss),) + none
+        *inputs, dloss_dlogp, reference_output = ctx.saved_tensors
+        grad_kl = None
+        if reference_output is not None and ctx.kl_beta > 0:
+            grad_kl = _unit_kl_grad(ctx.kl_beta, inputs[3], grad_loss)
+        return (_log_prob_backward(ctx.backend, ctx.policy, *inputs, dloss_dlogp * grad_loss,
+                                   reference_output=reference_output, grad_kl=grad_kl),) + none
 
 
 # ---- Public API --------------------------------------------------------------------------------
@@ -722,24 +789,36 @@ def ddim_ppo_loss(
     prediction_type: str = "epsilon",
     clip_sample_range: Optional[float] = None,
     use_clipped_model_output: bool = False,
+    reference_output: Optional[Tensor] = None,
+    kl_beta: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The DDPO-IS training loss of one timestep in one fused pass: the log-probability of the stored
     x_{t-1} (`prev_sample`) under the current `model_output`, then `ppo_clip_loss` on it.
 
+    KL penalty: with `reference_output` (the reference model's output for the same inputs, laid out
+    as model_output, CFG halves too; must not require grad), the same pass computes per sample the KL
+    between the policy's step and the reference's, both Gaussians with the step's sigma: KL_b = mean
+    over the latent's elements of (mu - mu_ref)^2 / (2 sigma^2) (0 where sigma == 0), mu_ref from the
+    same mean function. The loss is then PPO loss + kl_beta * mean_b KL_b, its gradient includes the
+    KL's, and stats["kl"] is mean_b KL_b. kl_beta (finite, >= 0) > 0 needs reference_output.
+
     Differentiable with respect to model_output (both CFG halves); the stored latents, old
-    log-probabilities and advantages must not require grad. Returns (loss, {"approx_kl",
-    "clipfrac", "log_prob"}).
+    log-probabilities, advantages and the reference output must not require grad. Returns (loss,
+    {"approx_kl", "clipfrac", "log_prob"}, plus "kl" with reference_output); the stats are detached.
     """
     eta, guidance_scale, prediction_type, clip_sample_range = _check_policy(
         eta, guidance_scale, prediction_type, clip_sample_range)
     batch, _ = _check_latents(model_output, sample, guidance_scale)
     _check_prev_sample(prev_sample, sample)
     clip_range, adv_clip_max = _check_ppo_inputs(sample, old_log_prob, advantages, clip_range, adv_clip_max, batch)
+    kl_beta = _check_kl_penalty(reference_output, kl_beta, model_output, sample)
     alpha_t = _per_sample_alphas("alpha_prod_t", alpha_prod_t, batch, sample)
     alpha_prev = _per_sample_alphas("alpha_prod_t_prev", alpha_prod_t_prev, batch, sample)
-    _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample)
+    _check_float64_consistency(model_output=model_output, sample=sample, prev_sample=prev_sample,
+                               reference_output=reference_output)
     _reject_grad("ddim_ppo_loss", sample=sample, prev_sample=prev_sample, old_log_prob=old_log_prob,
-                 advantages=advantages, alpha_prod_t=alpha_t, alpha_prod_t_prev=alpha_prev)
+                 advantages=advantages, alpha_prod_t=alpha_t, alpha_prod_t_prev=alpha_prev,
+                 reference_output=reference_output)
     dtype = reference.compute_dtype(model_output, sample, prev_sample)
     alpha_t, alpha_prev = alpha_t.to(dtype).contiguous(), alpha_prev.to(dtype).contiguous()
     _check_alpha_values(alpha_t, alpha_prev)
@@ -748,22 +827,34 @@ def ddim_ppo_loss(
     if resolve_backend(sample.device) == "reference":
         return reference.ddim_ppo_loss(model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob,
                                        advantages, clip_range=clip_range, adv_clip_max=adv_clip_max,
-                                       prediction_type=prediction_type, **policy)
+                                       prediction_type=prediction_type, reference_output=reference_output,
+                                       kl_beta=kl_beta, **policy)
     backend = resolve_backend(sample.device)
     old_log_prob, advantages = old_log_prob.to(dtype).contiguous(), advantages.to(dtype).contiguous()
     if _eager(backend):
         policy["prediction"] = PREDICTION_CODES[prediction_type]
-        loss, log_prob, approx_kl, clipfrac = _DdimPpoLoss.apply(
+        loss, log_prob, approx_kl, clipfrac, *kl = _DdimPpoLoss.apply(
             model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages, clip_range,
-            adv_clip_max, backend, policy)
-        return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac, "log_prob": log_prob}
+            adv_clip_max, backend, policy, reference_output, kl_beta)
+        stats = {"approx_kl": approx_kl, "clipfrac": clipfrac, "log_prob": log_prob}  # non-differentiable outputs
+        if kl:
+            stats["kl"] = kl[0]
+        return loss, stats
     # A traced graph: the custom op, with the separate backward kernel.
     with_grad = False
-    loss, log_prob, approx_kl, clipfrac, _, _ = _ddim_ppo_loss_op(
+    loss, log_prob, approx_kl, clipfrac, _, _, kl_mean = _ddim_ppo_loss_op(
         model_output, sample, prev_sample, alpha_t, alpha_prev, old_log_prob, advantages,
         prediction=PREDICTION_CODES[prediction_type], clip_range=clip_range, adv_clip_max=adv_clip_max,
-        with_grad=with_grad, **policy)
-    return loss, {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach(), "log_prob": log_prob.detach()}
+        with_grad=with_grad, reference_output=reference_output, kl_beta=kl_beta, **policy)
+    return loss, _loss_stats(approx_kl, clipfrac, log_prob, [kl_mean] if reference_output is not None else [])
+
+
+def _loss_stats(approx_kl: Tensor, clipfrac: Tensor, log_prob: Tensor, kl: list) -> dict[str, Tensor]:
+    """The stats dict of a loss op (DDIM and flow SDE), detached; "kl" with the KL penalty."""
+    stats = {"approx_kl": approx_kl.detach(), "clipfrac": clipfrac.detach(), "log_prob": log_prob.detach()}
+    if kl:
+        stats["kl"] = kl[0].detach()
+    return stats
 
 
 # ---- diffusers DDIMScheduler adapter -----------------------------------------------------------

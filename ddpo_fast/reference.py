@@ -18,6 +18,15 @@ A step with sigma == 0 (eta == 0, or the last step with final_alpha_cumprod == 1
 x' = mu and log_prob is defined as 0 with zero gradient (a Dirac policy has no density; 0 makes the
 PPO ratio exactly 1, so such a step contributes nothing to the loss).
 
+KL penalty to a reference policy (the starting model): the reference step is the same Gaussian step
+with the reference model's output m_ref (after the same guidance), mu_ref from the same mean function,
+and the same sigma, so per sample
+
+    KL = mean over the non-batch dims of (mu - mu_ref)^2 / (2 sigma^2)
+
+(0 with zero gradient where sigma == 0, as log_prob). mu_ref is a constant: the gradient is the
+policy's alone. With the KL, ddim_ppo_loss returns loss = PPO loss + kl_beta * mean over the batch of KL.
+
 Everything is computed in float32, or in float64 when any floating input is float64.
 """
 from __future__ import annotations
@@ -156,6 +165,58 @@ def gaussian_log_prob(prev_sample: torch.Tensor, mu: torch.Tensor, sigma: torch.
     return torch.where(stochastic.reshape(-1), log_prob, torch.zeros_like(log_prob))
 
 
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(mean_ref, std^2)) per sample, mean over the non-batch dims:
+    (mean - mean_ref)^2 / (2 std^2); 0 with zero gradient where std == 0. mean_ref is detached.
+    The one formula of the KL penalty for the DDIM and the flow SDE steps."""
+    stochastic = std.reshape(-1) > 0
+    safe_std = torch.where(stochastic, std.reshape(-1), torch.ones_like(stochastic, dtype=std.dtype))
+    kl = ((mean - mean_ref.detach()) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * safe_std**2)
+    return torch.where(stochastic, kl, torch.zeros_like(kl))
+
+
+def ddim_kl(
+    model_output: torch.Tensor,
+    reference_output: torch.Tensor,
+    alpha_prod_t: torch.Tensor,
+    alpha_prod_t_prev: torch.Tensor,
+    *,
+    eta: float,
+    guidance_scale: float | None = None,
+    sample: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+    clip_sample_range: float | None = None,
+    use_clipped_model_output: bool = False,
+) -> torch.Tensor:
+    """Per-sample KL(policy step || reference step), shape (B,), mean over the latent's elements, with
+    the policy's gradient (the fused ops' `kl`, on its own). Both outputs are [uncond; cond] halves
+    with `guidance_scale`.
+
+    `sample` (x_t) may be left out without clipping: the mean is then affine in x_t and m with the
+    same coefficients for both steps, so x_t cancels and mu - mu_ref = (d mu / d m) (m - m_ref), the
+    slope per sample being the mean function of a unit output at x_t = 0 (the trainer's call; cheaper).
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 (the steps have no density at eta = 0), got {eta}")
+    if model_output.shape != reference_output.shape:
+        raise ValueError(f"model_output {tuple(model_output.shape)} and reference_output "
+                         f"{tuple(reference_output.shape)} must have the same shape")
+    policy = dict(guidance_scale=guidance_scale, prediction_type=prediction_type,
+                  clip_sample_range=clip_sample_range, use_clipped_model_output=use_clipped_model_output)
+    if sample is None:
+        if clip_sample_range is not None:
+            raise ValueError("sample (x_t) is needed with clip_sample_range: the clipped mean depends on it")
+        dtype = compute_dtype(model_output, alpha_prod_t, alpha_prod_t_prev)
+        difference = apply_guidance(model_output.to(dtype) - reference_output.detach().to(dtype), guidance_scale)
+        per_sample = (difference.shape[0],) + (1,) * (difference.dim() - 1)
+        slope, sigma = ddim_mean(difference.new_ones(per_sample), difference.new_zeros(per_sample), alpha_prod_t,
+                                 alpha_prod_t_prev, eta, **dict(policy, guidance_scale=None))
+        return gaussian_kl(slope * difference, difference.new_zeros(()), sigma)
+    mu, sigma = ddim_mean(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta, **policy)
+    mu_ref, _ = ddim_mean(reference_output.detach(), sample, alpha_prod_t, alpha_prod_t_prev, eta, **policy)
+    return gaussian_kl(mu, mu_ref, sigma)
+
+
 def ddim_step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
@@ -230,13 +291,25 @@ def ddim_ppo_loss(
     prediction_type: str = "epsilon",
     clip_sample_range: float | None = None,
     use_clipped_model_output: bool = False,
+    reference_output: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Log-probability of the stored x_{t-1} under the current model output, then the PPO loss."""
-    _, log_prob = ddim_step(
-        model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta, prev_sample=prev_sample,
-        guidance_scale=guidance_scale, prediction_type=prediction_type,
-        clip_sample_range=clip_sample_range, use_clipped_model_output=use_clipped_model_output,
-    )
+    """Log-probability of the stored x_{t-1} under the current model output, then the PPO loss; with
+    `reference_output`, plus kl_beta * the batch mean of the KL to the reference step (stats "kl")."""
+    policy = dict(guidance_scale=guidance_scale, prediction_type=prediction_type,
+                  clip_sample_range=clip_sample_range, use_clipped_model_output=use_clipped_model_output)
+    mu, sigma = ddim_mean(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta, **policy)
+    log_prob = gaussian_log_prob(prev_sample, mu, sigma)
     loss, stats = ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max)
     stats["log_prob"] = log_prob.detach()
+    if reference_output is not None:
+        mu_ref, _ = ddim_mean(reference_output, sample, alpha_prod_t, alpha_prod_t_prev, eta, **policy)
+        loss, stats = add_kl_penalty(loss, stats, gaussian_kl(mu, mu_ref, sigma), kl_beta)
     return loss, stats
+
+
+def add_kl_penalty(loss: torch.Tensor, stats: dict, kl: torch.Tensor, kl_beta: float) -> tuple[torch.Tensor, dict]:
+    """loss + kl_beta * mean over the batch of the per-sample KL; stats["kl"] = that mean, detached."""
+    kl_mean = kl.mean()
+    stats["kl"] = kl_mean.detach()
+    return loss + kl_beta * kl_mean, stats

@@ -6,8 +6,10 @@ kind finds its coefficients: the trainer and the sampler only hand it step indic
 
     sample(out, x, i, ...)          -> (x_next, log_prob)   one sampling step, noise from Philox
     log_prob(out, x, x_next, idx)   -> log_prob (B,)         differentiable in `out`
-    ppo_loss(out, x, x_next, idx, old_log_prob, advantages, ...) -> (loss, stats)
-    kl(out, reference_out, x, idx)  -> (B,)                  KL to the reference model's step
+    ppo_loss(out, x, x_next, idx, old_log_prob, advantages, ..., reference_output, kl_beta)
+                                    -> (loss, stats)         the clipped loss (+ kl_beta x KL), fused
+    kl(out, reference_out, x, idx)  -> (B,)                  KL to the reference model's step (for the
+                                                             losses without a fused op: SF, RWR)
 """
 from __future__ import annotations
 
@@ -51,10 +53,11 @@ class DdimStep:
                                  guidance_scale=guidance_scale, **self.policy).log_prob
 
     def ppo_loss(self, out, x, x_next, indices, old_log_prob, advantages, *, clip_range, adv_clip_max,
-                 guidance_scale):
+                 guidance_scale, reference_output=None, kl_beta=0.0):
         alpha_t, alpha_prev = self._alphas(indices)
         return ddim_ppo_loss(out, x, x_next, alpha_t, alpha_prev, old_log_prob, advantages, clip_range=clip_range,
-                             adv_clip_max=adv_clip_max, eta=self.eta, guidance_scale=guidance_scale, **self.policy)
+                             adv_clip_max=adv_clip_max, eta=self.eta, guidance_scale=guidance_scale,
+                             reference_output=reference_output, kl_beta=kl_beta, **self.policy)
 
     def kl(self, out, reference_out, x, indices, *, guidance_scale):
         alpha_t, alpha_prev = self._alphas(indices)
@@ -99,10 +102,11 @@ class FlowSdeStep:
                                      **self._policy()).log_prob
 
     def ppo_loss(self, out, x, x_next, indices, old_log_prob, advantages, *, clip_range, adv_clip_max,
-                 guidance_scale):
+                 guidance_scale, reference_output=None, kl_beta=0.0):
         sigma, sigma_prev = self._sigmas(indices)
         return flow_sde_ppo_loss(out, x, x_next, sigma, sigma_prev, old_log_prob, advantages, clip_range=clip_range,
-                                 adv_clip_max=adv_clip_max, guidance_scale=guidance_scale, **self._policy())
+                                 adv_clip_max=adv_clip_max, guidance_scale=guidance_scale,
+                                 reference_output=reference_output, kl_beta=kl_beta, **self._policy())
 
     def kl(self, out, reference_out, x, indices, *, guidance_scale):
         sigma, sigma_prev = self._sigmas(indices)

@@ -293,18 +293,16 @@ class Trainer:
                     indices = traj.step_indices[rows, col]
                     step_t = self.step.timesteps[indices]
                     out = self.model.denoise(self.engine, x, step_t, cond, negative, self.precision)
-                    loss, stats = self.loss_fn(out, x, x_next, indices, old_log_prob, adv, w)
-                    kl = torch.zeros((), device=self.device)
-                    if t.kl_beta > 0:  # to the starting model's step, with its gradient
-                        ref = self.reference_output(x, step_t, cond, negative)
-                        kl = self.step.kl(out, ref, x, indices, guidance_scale=self.train_guidance).mean()
-                        loss = loss + t.kl_beta * kl
+                    # the starting model's output, for the KL penalty to its step
+                    ref = self.reference_output(x, step_t, cond, negative) if t.kl_beta > 0 else None
+                    loss, stats = self.loss_fn(out, x, x_next, indices, old_log_prob, adv, w, ref)
+                    kl = stats.get("kl", torch.zeros((), device=self.device))
                     self.engine.backward(loss)
                     if self.engine.step():
                         grad_norms.append(self.engine.last_grad_norm)
                         if self.ema is not None:
                             self.ema.after_optimizer_step()
-                    sums += torch.stack([loss.detach(), stats["approx_kl"], stats["clipfrac"], kl.detach()]).double()
+                    sums += torch.stack([loss.detach(), stats["approx_kl"], stats["clipfrac"], kl]).double()
                     count += 1
                     if progress is not None:
                         progress.update(1)
@@ -330,11 +328,14 @@ class Trainer:
         c = self.config
         return c.sample.guidance_scale if (c.use_cfg and c.train.cfg) else None
 
-    def loss_fn(self, out, x, x_next, indices, old_log_prob, advantages, weights):
+    def loss_fn(self, out, x, x_next, indices, old_log_prob, advantages, weights, reference_output=None):
+        """The algorithm's loss of one step and its stats; with `reference_output`, plus train.kl_beta x
+        the KL to the starting model's step (fused into the DDPO-IS loss op), logged as `kl`."""
         t = self.config.train
         if t.algorithm == "ddpo_is":
             return self.step.ppo_loss(out, x, x_next, indices, old_log_prob, advantages, clip_range=t.clip_range,
-                                      adv_clip_max=t.adv_clip_max, guidance_scale=self.train_guidance)
+                                      adv_clip_max=t.adv_clip_max, guidance_scale=self.train_guidance,
+                                      reference_output=reference_output, kl_beta=t.kl_beta)
         log_prob = self.step.log_prob(out, x, x_next, indices, guidance_scale=self.train_guidance)
         if t.algorithm == "ddpo_sf":  # REINFORCE: the score function weighted by the advantage
             loss = -(advantages.clamp(-t.adv_clip_max, t.adv_clip_max) * log_prob).mean()
@@ -343,6 +344,9 @@ class Trainer:
         log_ratio = (log_prob - old_log_prob).detach()
         stats = {"approx_kl": 0.5 * (log_ratio**2).mean(),
                  "clipfrac": ((log_ratio.exp() - 1).abs() > t.clip_range).float().mean(), "log_prob": log_prob.detach()}
+        if reference_output is not None:
+            kl = self.step.kl(out, reference_output, x, indices, guidance_scale=self.train_guidance).mean()
+            loss, stats["kl"] = loss + t.kl_beta * kl, kl.detach()
         return loss, stats
 
 

@@ -3,11 +3,13 @@
 Three entry points with the semantics of the C++ core (csrc/ddim_core.h), each taking one
 `ddpo_fast.backends.DdimCall` whose outputs the caller has allocated:
 
-    forward(call)   x_{t-1} (when call.sample_noise) and log_prob, then the PPO stage when
-                    call.old_log_prob is set
-    backward(call)  grad_model_output = d mu / d m * (grad_prev_sample + c_b (x' - mu)),
-                    c_b = grad_log_prob[b] / (sigma_b^2 numel)
-    ppo(call)       the PPO stage alone, reading call.log_prob
+    forward(call)   x_{t-1} (when call.sample_noise) and log_prob, with call.reference_output also the
+                    per-sample KL to the reference step (call.kl), then the PPO stage when
+                    call.old_log_prob is set (with the KL penalty when call.kl is set)
+    backward(call)  grad_model_output = d mu / d m * (grad_prev_sample + c_b (x' - mu) + k_b (mu - mu_ref)),
+                    c_b = grad_log_prob[b] / (sigma_b^2 numel), k_b = grad_kl[b] / (sigma_b^2 numel)
+                    (the last term with call.grad_kl only)
+    ppo(call)       the PPO stage alone, reading call.log_prob (and call.kl when set)
 
 Each entry point builds its launches (forward_launches, ppo_launches, backward_launches: kernel,
 grid, arguments, constexprs), which tests/triton_aot.py compiles ahead of time for sm_90, then runs
@@ -178,6 +180,27 @@ def _ddim_mean(x, m, cx, cm, ex, em, sqrt_a, inv_sqrt_1ma, sqrt_p, dir, mx, mm, 
 
 
 @triton.jit
+def _ddim_mean_gap(x, m, m_ref, cx, cm, em, sqrt_a, inv_sqrt_1ma, sqrt_p, dir, mm, rng,
+                   CLIP: tl.constexpr, USE_CLIPPED: tl.constexpr):
+    """mu - mu_ref for model outputs m and m_ref at the same x (ddim_mean_gap of ddim_math.h): exactly 0
+    for m == m_ref, without the cancellation of two rounded means."""
+    dm = m - m_ref
+    if CLIP:
+        raw = cx * x + cm * m
+        raw_ref = raw - cm * dm
+        dx0 = (tl.where(raw < -rng, -rng, tl.where(raw > rng, rng, raw))
+               - tl.where(raw_ref < -rng, -rng, tl.where(raw_ref > rng, rng, raw_ref)))
+        if USE_CLIPPED:
+            deps = -sqrt_a * inv_sqrt_1ma * dx0
+        else:
+            deps = em * dm
+        gap = sqrt_p * dx0 + dir * deps
+    else:
+        gap = mm * dm
+    return gap
+
+
+@triton.jit
 def _load_guided(mo_ptr, g, b, i, B, N, mask, w_bits, CT: tl.constexpr, CFG: tl.constexpr):
     """Model output of elements i of sample b (flat index g) after classifier-free guidance:
     m_u + w (m_c - m_u) with m_u in row b and m_c in row B + b."""
@@ -329,14 +352,15 @@ _SCALAR_ARGS = ["eta_bits", "w_bits", "range_bits", "seed_lo", "seed_hi", "off_l
 
 @triton.jit(do_not_specialize=_SCALAR_ARGS)
 def _ddim_forward_kernel(
-    mo_ptr, x_ptr, at_ptr, ap_ptr, prev_ptr, noise_ptr, partial_ptr,
+    mo_ptr, x_ptr, at_ptr, ap_ptr, prev_ptr, noise_ptr, partial_ptr, ref_ptr, kl_partial_ptr,
     B, N, nchunks,
     eta_bits, w_bits, range_bits, seed_lo, seed_hi, off_lo, off_hi,
     CT: tl.constexpr, PRED: tl.constexpr, CFG: tl.constexpr, CLIP: tl.constexpr,
     USE_CLIPPED: tl.constexpr, SAMPLE: tl.constexpr, PHILOX: tl.constexpr, PREV_BF16: tl.constexpr,
-    R: tl.constexpr,
+    KL: tl.constexpr, R: tl.constexpr,
 ):
-    """One tile of R x 4 elements of sample b: mu, x' (stored when SAMPLE), partial sum of (x' - mu)^2.
+    """One tile of R x 4 elements of sample b: mu, x' (stored when SAMPLE), partial sum of (x' - mu)^2;
+    with KL (a given x') also of (mu - mu_ref)^2, mu_ref from the reference output (ref_ptr).
 
     With PHILOX the tile is R whole Philox blocks of the flattened (B, N) tensor (element g = b N + i
     is normal g % 4 of block g // 4), so each block's Philox and Box-Muller run once; chunk c of
@@ -370,6 +394,10 @@ def _ddim_forward_kernel(
     d = xp - mu
     sq = tl.where(mask, d * d, 0.0)
     tl.store(partial_ptr + b * nchunks + c, tl.sum(tl.sum(sq, axis=1), axis=0))
+    if KL:
+        r = _load_guided(ref_ptr, g, b, i, B, N, mask, w_bits, CT, CFG)
+        gap = _ddim_mean_gap(x, m, r, cx, cm, em, sqrt_a, inv_sqrt_1ma, sqrt_p, dir, mm, rng, CLIP, USE_CLIPPED)
+        tl.store(kl_partial_ptr + b * nchunks + c, tl.sum(tl.sum(tl.where(mask, gap * gap, 0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -392,17 +420,31 @@ def _ppo_term(lp, old, advantage, clip, adv_max):
     return loss, dloss, kl, is_clipped
 
 
-@triton.jit(do_not_specialize=["eta_bits", "clip_bits", "advmax_bits"])
+@triton.jit
+def _partial_sums(partial_ptr, bs, bmask, nchunks, cidx, CT: tl.constexpr, BB: tl.constexpr, PC: tl.constexpr):
+    """Each sample's partial sums (a (B, nchunks) array), added in chunk order."""
+    total = tl.zeros([BB], dtype=CT)
+    for c0 in range(0, nchunks, PC):
+        cs = c0 + cidx
+        part = tl.load(partial_ptr + bs[:, None] * nchunks + cs[None, :],
+                       mask=bmask[:, None] & (cs < nchunks)[None, :], other=0.0)
+        total += tl.sum(part, axis=1)
+    return total
+
+
+@triton.jit(do_not_specialize=["eta_bits", "clip_bits", "advmax_bits", "klbeta_bits"])
 def _finalize_kernel(
     partial_ptr, at_ptr, ap_ptr, logp_ptr, old_ptr, adv_ptr,
-    loss_ptr, kl_ptr, clipfrac_ptr, dlogp_ptr,
+    loss_ptr, kl_ptr, clipfrac_ptr, dlogp_ptr, kl_partial_ptr, klref_ptr, klmean_ptr,
     B, N, nchunks, old_stride, adv_stride,
-    eta_bits, clip_bits, advmax_bits,
-    CT: tl.constexpr, FROM_PARTIALS: tl.constexpr, PPO: tl.constexpr,
+    eta_bits, clip_bits, advmax_bits, klbeta_bits,
+    CT: tl.constexpr, FROM_PARTIALS: tl.constexpr, PPO: tl.constexpr, KL: tl.constexpr,
     BB: tl.constexpr, PC: tl.constexpr,
 ):
     """One program: log_prob[b] from sample b's partial sums (added in chunk order), then the PPO
-    stage over the whole batch (means over B)."""
+    stage over the whole batch (means over B). KL: the per-sample KL to the reference step
+    (klref_ptr) from its partial sums (FROM_PARTIALS) or as given, and the penalty kl_beta * its mean
+    added to the loss (mean in klmean_ptr). kl_ptr is approx_kl, the PPO ratio's."""
     bidx = tl.arange(0, BB)
     cidx = tl.arange(0, PC)
     eta = _f64_arg(eta_bits, CT)
@@ -411,23 +453,24 @@ def _finalize_kernel(
     loss_acc = tl.zeros([BB], dtype=CT)
     kl_acc = tl.zeros([BB], dtype=CT)
     clip_acc = tl.zeros([BB], dtype=CT)
+    klref_acc = tl.zeros([BB], dtype=CT)
     for b0 in range(0, B, BB):
         bs = b0 + bidx
         bmask = bs < B
         if FROM_PARTIALS:
-            sumsq = tl.zeros([BB], dtype=CT)
-            for c0 in range(0, nchunks, PC):
-                cs = c0 + cidx
-                part = tl.load(partial_ptr + bs[:, None] * nchunks + cs[None, :],
-                               mask=bmask[:, None] & (cs < nchunks)[None, :], other=0.0)
-                sumsq += tl.sum(part, axis=1)
+            sumsq = _partial_sums(partial_ptr, bs, bmask, nchunks, cidx, CT, BB, PC)
             a = tl.load(at_ptr + bs, mask=bmask, other=0.5).to(CT)
             p = tl.load(ap_ptr + bs, mask=bmask, other=0.5).to(CT)
             inv_var, log_norm = _log_density_terms(a, p, eta, CT)
             lp = -0.5 * inv_var * sumsq / N + log_norm
             tl.store(logp_ptr + bs, lp, mask=bmask)
+            if KL:
+                klref = 0.5 * inv_var * _partial_sums(kl_partial_ptr, bs, bmask, nchunks, cidx, CT, BB, PC) / N
+                tl.store(klref_ptr + bs, klref, mask=bmask)
         else:
             lp = tl.load(logp_ptr + bs, mask=bmask, other=0.0).to(CT)
+            if KL:
+                klref = tl.load(klref_ptr + bs, mask=bmask, other=0.0).to(CT)
         if PPO:
             old = tl.load(old_ptr + bs * old_stride, mask=bmask, other=0.0).to(CT)
             adv = tl.load(adv_ptr + bs * adv_stride, mask=bmask, other=0.0).to(CT)
@@ -436,21 +479,30 @@ def _finalize_kernel(
             loss_acc += tl.where(bmask, loss, 0.0)
             kl_acc += tl.where(bmask, kl, 0.0)
             clip_acc += tl.where(bmask, is_clipped, 0.0)
+            if KL:
+                klref_acc += tl.where(bmask, klref, 0.0)
     if PPO:
-        tl.store(loss_ptr, tl.sum(loss_acc, axis=0) / B)
+        if KL:
+            klref_mean = tl.sum(klref_acc, axis=0) / B
+            tl.store(klmean_ptr, klref_mean)
+            tl.store(loss_ptr, tl.sum(loss_acc, axis=0) / B + _f64_arg(klbeta_bits, CT) * klref_mean)
+        else:
+            tl.store(loss_ptr, tl.sum(loss_acc, axis=0) / B)
         tl.store(kl_ptr, tl.sum(kl_acc, axis=0) / B)
         tl.store(clipfrac_ptr, tl.sum(clip_acc, axis=0) / B)
 
 
 @triton.jit(do_not_specialize=["eta_bits", "w_bits", "range_bits"])
 def _ddim_backward_kernel(
-    mo_ptr, x_ptr, at_ptr, ap_ptr, prev_ptr, gprev_ptr, glogp_ptr, gmo_ptr,
+    mo_ptr, x_ptr, at_ptr, ap_ptr, prev_ptr, gprev_ptr, glogp_ptr, gmo_ptr, ref_ptr, gkl_ptr,
     B, N, eta_bits, w_bits, range_bits,
     CT: tl.constexpr, PRED: tl.constexpr, CFG: tl.constexpr, CLIP: tl.constexpr,
-    USE_CLIPPED: tl.constexpr, HAS_GPREV: tl.constexpr, GRAD_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    USE_CLIPPED: tl.constexpr, HAS_GPREV: tl.constexpr, GRAD_BF16: tl.constexpr, KL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """grad m = d mu / d m * (grad_prev_sample + grad_log_prob[b] inv_var / N (x' - mu)); with CFG
-    the unconditional row gets (1 - w) of it and the conditional row w."""
+    """grad m = d mu / d m * (grad_prev_sample + grad_log_prob[b] inv_var / N (x' - mu)), with KL
+    + grad_kl[b] inv_var / N (mu - mu_ref); with CFG the unconditional row gets (1 - w) of it and the
+    conditional row w."""
     c = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     i = c * BLOCK + tl.arange(0, BLOCK)
@@ -473,6 +525,10 @@ def _ddim_backward_kernel(
     upstream = coef * (xp - mu)
     if HAS_GPREV:
         upstream = tl.load(gprev_ptr + g, mask=mask, other=0.0).to(CT) + upstream
+    if KL:
+        r = _load_guided(ref_ptr, g, b, i, B, N, mask, w_bits, CT, CFG)
+        gap = _ddim_mean_gap(x, m, r, cx, cm, em, sqrt_a, inv_sqrt_1ma, sqrt_p, dir, mm, rng, CLIP, USE_CLIPPED)
+        upstream += tl.load(gkl_ptr + b).to(CT) * inv_var / N * gap
     grad = dmu * upstream
     _store_guided_grad(gmo_ptr, g, b, i, B, N, mask, grad, w_bits, CT, CFG, GRAD_BF16)
 
@@ -516,6 +572,21 @@ def _check_call(call: DdimCall, *, backward: bool = False) -> None:
         raise ValueError(f"prediction must be 0, 1 or 2, got {call.prediction}")
     if backward and (call.grad_log_prob is None or call.grad_model_output is None):
         raise ValueError("backward needs grad_log_prob and grad_model_output")
+    _check_kl_call(call, backward, rows)
+
+
+def _check_kl_call(call, backward: bool, rows: int) -> None:
+    """The KL penalty's tensors of a DDIM or flow call (the same fields)."""
+    B, N = call.sample.shape
+    ref = call.reference_output
+    if ref is None:
+        if call.kl is not None or call.grad_kl is not None:
+            raise ValueError("kl and grad_kl need reference_output")
+        return
+    if ref.shape != (rows, N) or not ref.is_contiguous():
+        raise ValueError(f"reference_output must be contiguous ({rows}, {N}), got {tuple(ref.shape)}")
+    if not backward and (call.sample_noise or call.kl is None):
+        raise ValueError("reference_output (the KL penalty) needs a given prev_sample and a kl output")
 
 
 class Launch(NamedTuple):
@@ -550,18 +621,24 @@ def _finalize_launch(call: DdimCall, cfg: KernelConfig, partial: torch.Tensor | 
     if run_ppo and (call.advantages is None or call.loss is None or call.approx_kl is None
                     or call.clipfrac is None or call.dloss_dlogp is None):
         raise ValueError("the PPO stage needs advantages, loss, approx_kl, clipfrac and dloss_dlogp")
+    with_kl = call.kl is not None
+    if with_kl and run_ppo and call.kl_mean is None:
+        raise ValueError("the KL penalty needs a kl_mean output")
     dummy = call.alpha_t
     return Launch(_finalize_kernel, (1,), dict(
-        partial_ptr=partial if partial is not None else dummy, at_ptr=call.alpha_t, ap_ptr=call.alpha_prev,
+        partial_ptr=partial[0] if partial is not None else dummy, at_ptr=call.alpha_t, ap_ptr=call.alpha_prev,
         logp_ptr=call.log_prob, old_ptr=call.old_log_prob if run_ppo else dummy,
         adv_ptr=call.advantages if run_ppo else dummy, loss_ptr=call.loss if run_ppo else dummy,
         kl_ptr=call.approx_kl if run_ppo else dummy, clipfrac_ptr=call.clipfrac if run_ppo else dummy,
         dlogp_ptr=call.dloss_dlogp if run_ppo else dummy,
+        kl_partial_ptr=partial[1] if with_kl and partial is not None else dummy,
+        klref_ptr=call.kl if with_kl else dummy, klmean_ptr=call.kl_mean if with_kl and run_ppo else dummy,
         B=B, N=N, nchunks=nchunks, old_stride=_stride(call.old_log_prob, B), adv_stride=_stride(call.advantages, B),
         eta_bits=_f64_bits(call.eta), clip_bits=_f64_bits(call.ppo_clip_range),
-        advmax_bits=_f64_bits(call.adv_clip_max),
+        advmax_bits=_f64_bits(call.adv_clip_max), klbeta_bits=_f64_bits(call.kl_beta),
     ), dict(
-        CT=_compute(call), FROM_PARTIALS=from_partials, PPO=run_ppo, BB=cfg.batch_tile, PC=cfg.partial_tile,
+        CT=_compute(call), FROM_PARTIALS=from_partials, PPO=run_ppo, KL=with_kl, BB=cfg.batch_tile,
+        PC=cfg.partial_tile,
     ), cfg.num_warps)
 
 
@@ -576,13 +653,16 @@ def forward_launches(call: DdimCall, cfg: KernelConfig) -> list[Launch]:
     # A Philox tile starts at the sample's first whole block, up to 3 elements before the sample
     # (none when N % 4 == 0: every sample then starts on a block).
     nchunks = triton.cdiv(N + 3 if philox and N % 4 else N, block)
-    partial = torch.empty((B, nchunks), dtype=call.compute_dtype, device=call.sample.device)
+    # The sums of (x' - mu)^2 and, for the KL penalty, of (mu - mu_ref)^2.
+    with_kl = call.reference_output is not None
+    partial = torch.empty((2 if with_kl else 1, B, nchunks), dtype=call.compute_dtype, device=call.sample.device)
     seed_lo, seed_hi = _words(call.seed)
     off_lo, off_hi = _words(call.offset)
     step = Launch(_ddim_forward_kernel, (nchunks, B), dict(
         mo_ptr=call.model_output, x_ptr=call.sample, at_ptr=call.alpha_t, ap_ptr=call.alpha_prev,
         prev_ptr=call.prev_sample, noise_ptr=call.noise if call.noise is not None else call.sample,
-        partial_ptr=partial, B=B, N=N, nchunks=nchunks,
+        partial_ptr=partial[0], ref_ptr=call.reference_output if with_kl else call.model_output,
+        kl_partial_ptr=partial[-1], B=B, N=N, nchunks=nchunks,
         eta_bits=_f64_bits(call.eta), w_bits=_f64_bits(call.guidance_scale or 0.0),
         range_bits=_f64_bits(call.clip_sample_range if call.clip_sample_range is not None else 1.0),
         seed_lo=seed_lo, seed_hi=seed_hi, off_lo=off_lo, off_hi=off_hi,
@@ -591,7 +671,7 @@ def forward_launches(call: DdimCall, cfg: KernelConfig) -> list[Launch]:
         CLIP=call.clip_sample_range is not None,
         USE_CLIPPED=call.clip_sample_range is not None and call.use_clipped_model_output,
         SAMPLE=call.sample_noise, PHILOX=philox, PREV_BF16=call.prev_sample.dtype == torch.bfloat16,
-        R=block // 4,
+        KL=with_kl, R=block // 4,
     ), cfg.num_warps)
     return [step, _finalize_launch(call, cfg, partial, nchunks, from_partials=True)]
 
@@ -609,17 +689,21 @@ def backward_launches(call: DdimCall, cfg: KernelConfig) -> list[Launch]:
     B, N = call.batch, call.numel
     block = cfg.backward_block
     gprev = call.grad_prev_sample
+    with_kl = call.grad_kl is not None  # the KL penalty's term (needs reference_output)
     return [Launch(_ddim_backward_kernel, (triton.cdiv(N, block), B), dict(
         mo_ptr=call.model_output, x_ptr=call.sample, at_ptr=call.alpha_t, ap_ptr=call.alpha_prev,
         prev_ptr=call.prev_sample, gprev_ptr=gprev if gprev is not None else call.sample,
         glogp_ptr=call.grad_log_prob, gmo_ptr=call.grad_model_output,
+        ref_ptr=call.reference_output if with_kl else call.model_output,
+        gkl_ptr=call.grad_kl if with_kl else call.grad_log_prob,
         B=B, N=N, eta_bits=_f64_bits(call.eta), w_bits=_f64_bits(call.guidance_scale or 0.0),
         range_bits=_f64_bits(call.clip_sample_range if call.clip_sample_range is not None else 1.0),
     ), dict(
         CT=_compute(call), PRED=call.prediction, CFG=call.guidance_scale is not None,
         CLIP=call.clip_sample_range is not None,
         USE_CLIPPED=call.clip_sample_range is not None and call.use_clipped_model_output,
-        HAS_GPREV=gprev is not None, GRAD_BF16=call.grad_model_output.dtype == torch.bfloat16, BLOCK=block,
+        HAS_GPREV=gprev is not None, GRAD_BF16=call.grad_model_output.dtype == torch.bfloat16, KL=with_kl,
+        BLOCK=block,
     ), cfg.num_warps)]
 
 
@@ -629,10 +713,11 @@ def forward(call: DdimCall) -> None:
 
 
 def ppo(call: DdimCall) -> None:
-    """The PPO stage alone: loss, approx_kl, clipfrac and dloss_dlogp from call.log_prob."""
+    """The PPO stage alone: loss, approx_kl, clipfrac and dloss_dlogp from call.log_prob (with the
+    KL penalty from call.kl when set)."""
     _run(ppo_launches(call, config(call.sample.device)), call.sample.device)
 
 
 def backward(call: DdimCall) -> None:
-    """grad_model_output of the step: d mu / d m * (grad_prev_sample + c_b (x' - mu))."""
+    """grad_model_output of the step: d mu / d m * (grad_prev_sample + c_b (x' - mu) + k_b (mu - mu_ref))."""
     _run(backward_launches(call, config(call.sample.device)), call.sample.device)

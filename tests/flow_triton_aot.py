@@ -27,8 +27,9 @@ def _t(*shape, dtype=torch.float32):
 
 def launches() -> list[tuple[dict, tk.Launch]]:
     """Forward: every (compute dtype, sde type, sampling kind) with CFG, mean, bf16 storage and the
-    PPO stage alternating; backward: every (compute dtype, sde type) with the optional inputs
-    alternating. Every constexpr takes each of its values at least once."""
+    PPO stage alternating, and the KL penalty on two of the given-prev_sample launches (one with the
+    PPO stage); backward: every (compute dtype, sde type) with the optional inputs (the KL penalty's
+    too) alternating. Every constexpr takes each of its values at least once."""
     out = []
     for n, (ct, sde, kind) in enumerate(itertools.product([torch.float32, torch.float64], [0, 1],
                                                            ["given", "noise", "philox"])):
@@ -38,22 +39,28 @@ def launches() -> list[tuple[dict, tk.Launch]]:
         if n % 4 == 1:
             ppo = dict(old_log_prob=_t(B, dtype=ct), advantages=_t(B, dtype=ct), loss=_t(dtype=ct),
                        approx_kl=_t(dtype=ct), clipfrac=_t(dtype=ct), dloss_dlogp=_t(B, dtype=ct))
-        call = FlowCall(model_output=_t(2 * B if cfg else B, N, dtype=store), sample=_t(B, N, dtype=store),
+        mo = _t(2 * B if cfg else B, N, dtype=store)
+        kl = {}
+        if n in (0, 9):  # given prev_samples; n = 9 with the PPO stage
+            kl = dict(reference_output=torch.empty_like(mo), kl=_t(B, dtype=ct), kl_beta=0.1,
+                      kl_mean=_t(dtype=ct) if ppo else None)
+        call = FlowCall(model_output=mo, sample=_t(B, N, dtype=store),
                         sigma=_t(B, dtype=ct), sigma_prev=_t(B, dtype=ct), prev_sample=_t(B, N, dtype=store),
                         sde_type=sde, guidance_scale=4.5 if cfg else None, log_prob=_t(B, dtype=ct),
                         std_dev_t=_t(B, dtype=ct), prev_sample_mean=_t(B, N, dtype=ct) if n % 3 != 2 else None,
                         sample_noise=kind != "given", noise=_t(B, N, dtype=store) if kind == "noise" else None,
-                        seed=2**63 + n, offset=n, **ppo)
+                        seed=2**63 + n, offset=n, **ppo, **kl)
         out += flow_sde.forward_launches(call, tk.GPU_CONFIG)
     for n, (ct, sde) in enumerate(itertools.product([torch.float32, torch.float64], [0, 1])):
         store = [torch.bfloat16, torch.float32, torch.float16, torch.float64][n]
         cfg = n % 2 == 1
         mo = _t(2 * B if cfg else B, N, dtype=store)
+        kl = dict(reference_output=torch.empty_like(mo), grad_kl=_t(B, dtype=ct)) if n in (1, 2) else {}
         call = FlowCall(model_output=mo, sample=_t(B, N, dtype=store), sigma=_t(B, dtype=ct), sigma_prev=_t(B, dtype=ct),
                         prev_sample=_t(B, N, dtype=store), sde_type=sde, guidance_scale=4.5 if cfg else None,
                         grad_prev_sample=_t(B, N) if n % 2 == 0 else None,
                         grad_prev_sample_mean=_t(B, N, dtype=ct) if n >= 2 else None,
-                        grad_log_prob=_t(B, dtype=ct), grad_model_output=torch.empty_like(mo))
+                        grad_log_prob=_t(B, dtype=ct), grad_model_output=torch.empty_like(mo), **kl)
         out += flow_sde.backward_launches(call, tk.GPU_CONFIG)
     unique = {}
     for launch in out:  # the PPO and finalize launches repeat: compile each variant once

@@ -310,6 +310,58 @@ def test_ddim_ppo_loss(backend, chw, dtype, case):
     assert_close_to_exact(leaf.grad[keep], leaf64.grad[keep], plain_leaf.grad[keep], what="grad")
 
 
+KL_CASES = [  # (chw, dtype, case): the vector and scalar paths, with and without clipping and CFG
+    (BIG, torch.float32, ("epsilon", 7.5, None, False)),
+    (SMALL, torch.bfloat16, ("v_prediction", 7.5, 1.0, True)),
+    (BIG, torch.float16, ("sample", None, 1.0, False)),
+]
+
+
+@pytest.mark.parametrize("chw,dtype,case", KL_CASES, ids=lambda v: v if isinstance(v, str) else str(v))
+def test_kl_penalty(backend, chw, dtype, case):
+    """ddim_ppo_loss with reference_output: loss (+ kl_beta mean KL), stats["kl"] and the gradient (the
+    backward kernel's KL term) against float64; the "mixed" steps include the last (sigma == 0: KL
+    0). With the reference itself: kl exactly 0 and the gradient without the penalty."""
+    pol = policy(*case)
+    batch = 7
+    gen = make_gen("kl", chw, dtype, case)
+    m, x = make_inputs(batch, chw, dtype, gen, cfg=case[1] is not None)
+    a, p = alphas("mixed", batch)
+    prev = exact_sample(m, x, a, p, pol, gen, dtype)
+    reference_output = (m.to(F64) + randn(m.shape, F64, gen, 0.1)).to(dtype)
+    m64, x64, a64, p64, prev64, r64 = up(m, x, a, p, prev, reference_output)
+    _, exact_lp = ref.ddim_step(m64, x64, a64, p64, prev_sample=prev64, **pol)
+    old, adv = ppo_inputs(exact_lp, gen, 1e-2)
+    kw = dict(clip_range=1e-2, adv_clip_max=5.0, kl_beta=0.7, **pol)
+
+    leaf = m.clone().requires_grad_(True)
+    loss, stats = ops.ddim_ppo_loss(leaf, x, prev, a, p, old, adv, reference_output=reference_output, **kw)
+    (0.5 * loss).backward()
+    leaf64 = m64.clone().requires_grad_(True)
+    exact_loss, exact_stats = ref.ddim_ppo_loss(leaf64, x64, prev64, a64, p64, old.to(F64), adv.to(F64),
+                                                reference_output=r64, **kw)
+    (0.5 * exact_loss).backward()
+    plain_leaf = m.clone().requires_grad_(True)
+    plain_loss, plain_stats = ref.ddim_ppo_loss(plain_leaf, x, prev, a, p, old, adv, reference_output=reference_output,
+                                                **kw)
+    (0.5 * plain_loss).backward()
+    assert exact_stats["kl"] > 1e-4
+    assert_close_to_exact(stats["kl"], exact_stats["kl"], plain_stats["kl"], what="kl")
+    assert_close_to_exact(loss, exact_loss, plain_loss, what="loss")
+    keep = smooth_mask(m, x, a, p, pol)
+    assert_close_to_exact(leaf.grad[keep], leaf64.grad[keep], plain_leaf.grad[keep], what="grad")
+
+    results = []
+    for penalty in ({}, dict(reference_output=m.clone(), kl_beta=2.0)):
+        leaf = m.clone().requires_grad_(True)
+        loss, stats = ops.ddim_ppo_loss(leaf, x, prev, a, p, old, adv, clip_range=1e-2, adv_clip_max=5.0, **pol,
+                                        **penalty)
+        loss.backward()
+        results.append((loss, stats, leaf.grad))
+    assert results[1][1]["kl"].item() == 0
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][2], results[1][2])
+
+
 @pytest.mark.parametrize("batch", [1, 3, 7, 300, 1000])
 def test_ppo_clip_loss(backend, batch):
     """The PPO stage alone; batches past one finalize block's 256 threads."""

@@ -54,6 +54,47 @@ def test_step_ppo_and_gradient(backend, sde_type, cfg, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, SHAPES[1]), (torch.bfloat16, SHAPES[0])])
+def test_kl_penalty(backend, sde_type, dtype, shape):
+    """flow_sde_ppo_loss with reference_output against float64 (the batch's last step kind has cps
+    std 0: KL 0); with the reference itself, kl exactly 0 and the gradient without the penalty."""
+    batch = 4
+    model_output, sample, noise = make_inputs(batch, shape, dtype, cfg=True, device="cuda")
+    s, sp = sigmas(batch, device="cuda")
+    kwargs = dict(sigma_max=SIGMA_MAX, sde_type=sde_type, guidance_scale=4.5)
+    prev, old, _, _ = fref.flow_sde_step(model_output.double(), sample.double(), s.double(), sp.double(),
+                                         noise=noise.double(), **kwargs)
+    prev, old = prev.to(dtype), old.float()
+    g = torch.Generator().manual_seed(2)
+    reference_output = (model_output.float() + 0.1 * torch.randn(model_output.shape, generator=g).cuda()).to(dtype)
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0], device="cuda")
+    loss_kwargs = dict(clip_range=1e-2, adv_clip_max=5.0, **kwargs)
+    with use_backend(backend):
+        m = model_output.clone().requires_grad_()
+        loss, stats = ops.flow_sde_ppo_loss(m, sample, prev, s, sp, old, adv, reference_output=reference_output,
+                                            kl_beta=0.7, **loss_kwargs)
+        (0.5 * loss).backward()
+        results = []
+        for penalty in ({}, dict(reference_output=model_output.clone(), kl_beta=2.0)):
+            m0 = model_output.clone().requires_grad_()
+            loss0, stats0 = ops.flow_sde_ppo_loss(m0, sample, prev, s, sp, old, adv, **loss_kwargs, **penalty)
+            loss0.backward()
+            results.append((loss0, stats0, m0.grad))
+    m_ref = model_output.double().requires_grad_()
+    ref_loss, ref_stats = fref.flow_sde_ppo_loss(m_ref, sample.double(), prev.double(), s.double(), sp.double(),
+                                                 old.double(), adv.double(), reference_output=reference_output.double(),
+                                                 kl_beta=0.7, **loss_kwargs)
+    (0.5 * ref_loss).backward()
+    assert ref_stats["kl"] > 1e-4
+    assert torch.allclose(stats["kl"].double(), ref_stats["kl"], rtol=1e-5, atol=1e-9)
+    assert torch.allclose(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    assert rel_err(m.grad, m_ref.grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert results[1][1]["kl"].item() == 0
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][2], results[1][2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_host_sync_under_cuda_graph(backend):
     batch, shape = 2, SHAPES[1]
     model_output, sample, _ = make_inputs(batch, shape, torch.bfloat16, cfg=True, device="cuda")

@@ -246,7 +246,16 @@ def test_gradcheck_float64(cpu_backend, sde_type):
         out = ops.flow_sde_step_logprob(m, sample, s, sp, prev_sample=prev, return_mean=True, **kwargs)
         return out.log_prob, out.prev_sample_mean
 
-    assert torch.autograd.gradcheck(fn, (model_output.clone().requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5)
+    reference_output = model_output + 0.2 * torch.randn_like(model_output)
+    old = torch.zeros(batch, dtype=torch.float64)
+
+    def loss_with_kl(m):  # the loss with the KL penalty (its gradient made in the forward pass on CPU)
+        return ops.flow_sde_ppo_loss(m, sample, prev, s, sp, old, torch.tensor([1.5, -0.7], dtype=torch.float64),
+                                     clip_range=10.0, adv_clip_max=5.0, reference_output=reference_output,
+                                     kl_beta=3.0, **kwargs)[0]
+
+    for f in (fn, loss_with_kl):
+        assert torch.autograd.gradcheck(f, (model_output.clone().requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("sde_type", SDE_TYPES)
@@ -291,15 +300,20 @@ def test_one_pass_loss_gradient_equals_the_two_pass_one(cpu_isa, sde_type, dtype
     old = fref.flow_sde_step(model_output, sample, s, sp, prev_sample=prev, **kwargs)[1] + 1e-5
     args = (sample, prev, s, sp, old, torch.tensor([1.0, -3.0, 0.5]))
     ppo = dict(clip_range=1e-4, adv_clip_max=5.0, **kwargs)
-    m_one = model_output.clone().requires_grad_()
-    loss_one, _ = ops.flow_sde_ppo_loss(m_one, *args, **ppo)
-    (0.5 * loss_one).backward()
-    m_two = model_output.clone().requires_grad_()
-    loss_two, _, _, _, _, _ = flow_ops._flow_ppo_loss_op(
-        m_two, *args[:4], args[4].float(), args[5], 0.7, {"sde": 0, "cps": 1}[sde_type], SIGMA_MAX, 3.0, 1e-4, 5.0,
-        False)
-    (0.5 * loss_two).backward()
-    assert torch.equal(loss_one, loss_two) and torch.equal(m_one.grad, m_two.grad)
+    reference_output = (model_output.float() + 0.1 * torch.randn(model_output.shape)).to(dtype)
+    grads = []
+    for penalty in ({}, dict(reference_output=reference_output, kl_beta=0.3)):  # without and with the KL penalty
+        m_one = model_output.clone().requires_grad_()
+        loss_one, _ = ops.flow_sde_ppo_loss(m_one, *args, **ppo, **penalty)
+        (0.5 * loss_one).backward()
+        m_two = model_output.clone().requires_grad_()
+        loss_two, *_ = flow_ops._flow_ppo_loss_op(
+            m_two, *args[:4], args[4].float(), args[5], 0.7, {"sde": 0, "cps": 1}[sde_type], SIGMA_MAX, 3.0, 1e-4,
+            5.0, False, **penalty)
+        (0.5 * loss_two).backward()
+        assert torch.equal(loss_one, loss_two) and torch.equal(m_one.grad, m_two.grad)
+        grads.append(m_one.grad)
+    assert not torch.equal(*grads)
 
 
 # ---- torch.library registration, torch.compile ---------------------------------------------------
@@ -321,14 +335,20 @@ def _op_samples():
                                         0.01, 5.0, True),
         "flow_sde_backward": (torch.randn(sample.shape), None, torch.randn(batch), model_output, sample, prev, s, sp,
                               0.7, 0, SIGMA_MAX, 2.0),
+        # The KL penalty: the loss op (its autograd through the backward op's KL term) and that op.
+        "flow_sde_ppo_loss_kl": (m, sample, prev, s, sp, old, torch.randn(batch), 0.7, 0, SIGMA_MAX, 2.0, 0.01, 5.0,
+                                 False, model_output + 0.1, 0.5),
+        "flow_sde_backward_kl": (None, None, torch.randn(batch), model_output, sample, prev, s, sp, 0.7, 1, 0.0, 2.0,
+                                 model_output - 0.1, torch.rand(batch)),
     }
 
 
 @pytest.mark.parametrize("name", ["flow_sde_step", "flow_sde_step_philox_bf16", "flow_sde_log_prob",
-                                  "flow_sde_ppo_loss", "flow_sde_ppo_loss_with_grad", "flow_sde_backward"])
+                                  "flow_sde_ppo_loss", "flow_sde_ppo_loss_with_grad", "flow_sde_backward",
+                                  "flow_sde_ppo_loss_kl", "flow_sde_backward_kl"])
 def test_opcheck(cpu_backend, name):
-    op = getattr(torch.ops.ddpo_fast, name.removesuffix("_philox_bf16").removesuffix("_with_grad")).default
-    torch.library.opcheck(op, _op_samples()[name])
+    name = name.removesuffix("_kl").removesuffix("_philox_bf16").removesuffix("_with_grad")
+    torch.library.opcheck(getattr(torch.ops.ddpo_fast, name).default, _op_samples()[name])
 
 
 def test_torch_compile_fullgraph(cpu_backend):
@@ -339,21 +359,108 @@ def test_torch_compile_fullgraph(cpu_backend):
     prev, old, _, _ = fref.flow_sde_step(model_output, sample, s, sp, noise=noise, **kwargs)
     adv = torch.tensor([1.0, -2.0])
 
+    reference_output = model_output + 0.1 * torch.randn(model_output.shape)
+
     def train_step(m):
         step = ops.flow_sde_step_logprob(m, sample, s, sp, seed=3, return_mean=True, **kwargs)
         loss, stats = ops.flow_sde_ppo_loss(m, sample, prev, s, sp, old, adv, clip_range=1e-4, adv_clip_max=5.0,
                                             **kwargs)
-        return loss + step.log_prob.sum() + step.prev_sample_mean.mean(), stats["approx_kl"]
+        kl_loss, kl_stats = ops.flow_sde_ppo_loss(m, sample, prev, s, sp, old, adv, clip_range=1e-4, adv_clip_max=5.0,
+                                                  reference_output=reference_output, kl_beta=0.5, **kwargs)
+        return (loss + 3 * kl_loss + step.log_prob.sum() + step.prev_sample_mean.mean(), stats["approx_kl"],
+                kl_stats["kl"])
 
     m_eager = model_output.clone().requires_grad_()
-    eager_loss, eager_kl = train_step(m_eager)
+    eager_loss, eager_kl, eager_kl_ref = train_step(m_eager)
     eager_loss.backward()
     compiled = torch.compile(train_step, fullgraph=True, backend="aot_eager")
     m_compiled = model_output.clone().requires_grad_()
-    compiled_loss, compiled_kl = compiled(m_compiled)
+    compiled_loss, compiled_kl, compiled_kl_ref = compiled(m_compiled)
     compiled_loss.backward()
     assert torch.allclose(eager_loss, compiled_loss) and torch.allclose(eager_kl, compiled_kl)
+    assert eager_kl_ref > 0 and torch.allclose(eager_kl_ref, compiled_kl_ref)
     assert torch.allclose(m_eager.grad, m_compiled.grad)
+
+
+# ---- The KL penalty to a reference model (reference_output, kl_beta) -------------------------------
+
+
+def kl_inputs(batch, sde_type, cfg, dtype, seed=0):
+    """A stored step, a policy moved away from the one that sampled it and a reference output near it;
+    the batch cycles through the step kinds (sigma == 1, the last step with its cps std 0, ...)."""
+    model_output, sample, noise = make_inputs(batch, SHAPES[0], dtype, cfg is not None, seed=seed)
+    s, sp = sigmas(batch, start=seed)
+    kwargs = dict(sigma_max=SIGMA_MAX, sde_type=sde_type, guidance_scale=cfg)
+    prev, old, _, _ = fref.flow_sde_step(model_output, sample, s, sp, noise=noise, **kwargs)
+    g = torch.Generator().manual_seed(seed + 1)
+    new_output = (model_output.float() + 0.02 * torch.randn(model_output.shape, generator=g)).to(dtype)
+    reference_output = (model_output.float() + 0.1 * torch.randn(model_output.shape, generator=g)).to(dtype)
+    return new_output, (sample, prev, s, sp, old, 3 * torch.randn(batch, generator=g)), reference_output, kwargs
+
+
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+@pytest.mark.parametrize("batch,cfg,dtype", [(1, None, torch.float32), (7, 4.5, torch.bfloat16)])
+def test_kl_penalty_matches_reference(cpu_isa, sde_type, batch, cfg, dtype):
+    """loss = PPO + kl_beta mean KL, stats["kl"] and the gradient (the KL's included) against float64."""
+    new_output, args, reference_output, kwargs = kl_inputs(batch, sde_type, cfg, dtype, seed=batch)
+    kwargs = dict(clip_range=0.01, adv_clip_max=2.0, reference_output=reference_output, kl_beta=0.7, **kwargs)
+    m = new_output.clone().requires_grad_()
+    loss, stats = ops.flow_sde_ppo_loss(m, *args, **kwargs)
+    (0.5 * loss).backward()
+    m_ref = new_output.double().requires_grad_()
+    ref_loss, ref_stats = fref.flow_sde_ppo_loss(m_ref, *(t.double() for t in args),
+                                                 **{**kwargs, "reference_output": reference_output.double()})
+    (0.5 * ref_loss).backward()
+    assert ref_stats["kl"] > 1e-4 and not stats["kl"].requires_grad
+    assert abs(stats["kl"].item() - ref_stats["kl"].item()) <= 1e-5 * ref_stats["kl"].item()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
+    assert rel_err(m.grad, m_ref.grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_kl_penalty_is_zero_for_the_reference_itself(cpu_backend):
+    """reference_output == model_output: kl is exactly 0, the loss and its gradient those without it."""
+    for sde_type, dtype in [("sde", torch.float32), ("cps", torch.float32), ("sde", torch.bfloat16)]:
+        new_output, args, _, kwargs = kl_inputs(5, sde_type, 2.0, dtype)
+        results = []
+        for penalty in ({}, dict(reference_output=new_output.clone(), kl_beta=2.0)):
+            m = new_output.clone().requires_grad_()
+            loss, stats = ops.flow_sde_ppo_loss(m, *args, clip_range=0.01, adv_clip_max=2.0, **kwargs, **penalty)
+            loss.backward()
+            results.append((loss, stats, m.grad))
+        (loss, stats, grad), (kl_loss, kl_stats, kl_grad) = results
+        assert "kl" not in stats and kl_stats["kl"] == 0
+        assert torch.equal(loss, kl_loss) and torch.equal(grad, kl_grad)
+
+
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+def test_kl_penalty_matches_a_monte_carlo_estimate(cpu_backend, sde_type):
+    """stats["kl"] against E over x' ~ policy of log p(x') - log p_ref(x'), from steps sampled with the
+    fused step op. The cps log_prob is -mean (x' - mean)^2 (no 1 / (2 std^2)): its difference is
+    divided by 2 std^2 per sample."""
+    batch, draws, shape = 3, 2000, (4, 5, 7)
+    g = torch.Generator().manual_seed(5)
+    out = torch.randn((2 * batch,) + shape, generator=g, dtype=torch.float64)
+    ref = out + 0.3 * torch.randn(out.shape, generator=g, dtype=torch.float64)
+    x = torch.randn((batch,) + shape, generator=g, dtype=torch.float64)
+    s, sp = sigmas(batch, dtype=torch.float64)  # the first three step kinds: no cps step with std 0
+    kwargs = dict(sigma_max=SIGMA_MAX, sde_type=sde_type, guidance_scale=3.0, noise_level=0.7)
+    zeros = torch.zeros(batch, dtype=torch.float64)
+    _, stats = ops.flow_sde_ppo_loss(out, x, x, s, sp, zeros, zeros, clip_range=0.1, adv_clip_max=1.0,
+                                     reference_output=ref, **kwargs)
+
+    def repeat(t):  # `draws` copies of the batch, as one batch (CFG halves kept apart)
+        halves = t.chunk(2) if t.shape[0] == 2 * batch else (t,)
+        return torch.cat([h.repeat((draws,) + (1,) * (t.dim() - 1)) for h in halves])
+
+    out_r, ref_r, x_r, s_r, sp_r = map(repeat, (out, ref, x, s, sp))
+    step = ops.flow_sde_step_logprob(out_r, x_r, s_r, sp_r, seed=7, **kwargs)
+    log_prob_ref = ops.flow_sde_step_logprob(ref_r, x_r, s_r, sp_r, prev_sample=step.prev_sample, **kwargs).log_prob
+    difference = step.log_prob - log_prob_ref
+    if sde_type == "cps":
+        difference = difference / (2 * step.std_dev_t**2)
+    estimate = difference.mean()  # standard error ~0.6% of the KL here
+    assert stats["kl"] > 0.05
+    assert abs(stats["kl"].item() - estimate.item()) < 0.03 * stats["kl"].item()
 
 
 # ---- Bad inputs ------------------------------------------------------------------------------------
@@ -421,6 +528,14 @@ BAD_LOSS_INPUTS = {
                                   "prev_sample"),
     "sde_type": (dict(sde_type="SDE"), ValueError, "sde_type"),
     "sigma_prev above sigma": (dict(sigma_prev=0.9), ValueError, "sigma_prev"),
+    # The KL penalty (the checks are the DDIM loss's, tests/test_ops.py has them all).
+    "reference_output shape": (dict(reference_output=torch.randn(2, 4, 5, 7)), ValueError, "reference_output"),
+    "reference_output requires grad": (dict(reference_output=torch.randn(2, 4, 5, 6, requires_grad=True)),
+                                       ValueError, "reference_output"),
+    "reference_output float64 mixed": (dict(reference_output=torch.randn(2, 4, 5, 6, dtype=torch.float64)),
+                                       TypeError, "reference_output"),
+    "kl_beta negative": (dict(reference_output=torch.randn(2, 4, 5, 6), kl_beta=-1.0), ValueError, "kl_beta"),
+    "kl_beta without reference_output": (dict(kl_beta=0.1), ValueError, "kl_beta.*reference_output"),
 }
 
 

@@ -109,6 +109,44 @@ def test_ppo_loss_and_gradients(sde_type):
     assert rel_err(m.grad, m_ref.grad) < 1e-5
 
 
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_kl_penalty(sde_type):
+    """flow_sde_ppo_loss with reference_output: loss (+ kl_beta mean KL), stats["kl"] and the gradient
+    (the backward kernel's KL term) against float64; the batch has every step kind (cps' last step has
+    std 0: KL 0). With the reference itself: kl exactly 0 and the gradient without the penalty."""
+    batch, shape = 4, (4, 5, 6)
+    model_output, sample, noise = make_inputs(batch, shape, torch.float32, cfg=True, device=DEVICE)
+    s, sp = sigmas(batch, device=DEVICE)
+    kwargs = dict(sigma_max=SIGMA_MAX, sde_type=sde_type, guidance_scale=2.0)
+    prev, old, _, _ = fref.flow_sde_step(model_output, sample, s, sp, noise=noise, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    reference_output = model_output + 0.1 * torch.randn(model_output.shape, generator=g).to(DEVICE)
+    new = model_output + 0.02 * torch.randn(model_output.shape, generator=g).to(DEVICE)
+    adv = torch.tensor([1.5, -0.7, 6.0, 0.3], device=DEVICE)
+    loss_kwargs = dict(clip_range=1e-2, adv_clip_max=5.0, **kwargs)
+    m = new.clone().requires_grad_()
+    loss, stats = ops.flow_sde_ppo_loss(m, sample, prev, s, sp, old, adv, reference_output=reference_output,
+                                        kl_beta=0.7, **loss_kwargs)
+    (0.5 * loss).backward()
+    m_ref = new.double().requires_grad_()
+    ref_loss, ref_stats = fref.flow_sde_ppo_loss(m_ref, sample.double(), prev.double(), s.double(), sp.double(),
+                                                 old.double(), adv.double(), reference_output=reference_output.double(),
+                                                 kl_beta=0.7, **loss_kwargs)
+    (0.5 * ref_loss).backward()
+    assert ref_stats["kl"] > 1e-4
+    assert torch.allclose(stats["kl"].double(), ref_stats["kl"], rtol=1e-5, atol=1e-9)
+    assert torch.allclose(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    assert rel_err(m.grad, m_ref.grad) < 1e-5
+    results = []
+    for penalty in ({}, dict(reference_output=new.clone(), kl_beta=2.0)):
+        m = new.clone().requires_grad_()
+        loss, stats = ops.flow_sde_ppo_loss(m, sample, prev, s, sp, old, adv, **loss_kwargs, **penalty)
+        loss.backward()
+        results.append((loss, stats, m.grad))
+    assert results[1][1]["kl"] == 0
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][2], results[1][2])
+
+
 @pytest.mark.skipif(_C is None or torch.cuda.is_available(), reason="compares with the C++ CPU kernels on CPU tensors")
 def test_bf16_gradient_is_rounded_like_the_cpu_kernels():
     batch, shape = 2, (4, 5, 6)

@@ -30,10 +30,12 @@ def test_flow_kernels_compile_to_sm90_cubins(tmp_path):
         for name, value in c["constexprs"].items():
             seen.setdefault(c["kernel"], {}).setdefault(name, set()).add(str(value))
     both = {"False", "True"}
-    for name in ("CFG", "SAMPLE", "PHILOX", "PREV_BF16", "WRITE_MEAN"):
+    for name in ("CFG", "SAMPLE", "PHILOX", "PREV_BF16", "WRITE_MEAN", "KL"):
         assert seen["_flow_forward_kernel"][name] == both, name
-    for name in ("CFG", "HAS_GPREV", "HAS_GMEAN", "GRAD_BF16"):
+    for name in ("CFG", "HAS_GPREV", "HAS_GMEAN", "GRAD_BF16", "KL"):
         assert seen["_flow_backward_kernel"][name] == both, name
+    assert seen["_flow_finalize_kernel"]["KL"] == both
+    assert seen["_finalize_kernel"]["KL"] == both  # the PPO stage with and without the KL penalty
     for kernel in ("_flow_forward_kernel", "_flow_finalize_kernel", "_flow_backward_kernel"):
         assert seen[kernel]["SDE"] == {"0", "1"} and seen[kernel]["CT"] == {"fp32", "fp64"}, kernel
     assert "_finalize_kernel" in seen  # the DDIM kernels' PPO stage, as the flow loss launches it

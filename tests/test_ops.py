@@ -421,13 +421,18 @@ def _op_samples():
                                     5.0, True),
         "ppo_clip_loss": (old.clone().requires_grad_(), old + 0.01, torch.randn(batch), 0.01, 5.0),
         "ddim_step_backward": (None, torch.randn(batch), model_output, sample, prev, a, p, 1.0, 2.0, 0, None, False),
+        # The KL penalty: the loss op (its autograd through the backward op's KL term) and that op.
+        "ddim_ppo_loss_kl": (m, sample, prev, a, p, old, torch.randn(batch), 1.0, 2.0, 2, 1.0, True, 0.01, 5.0, False,
+                             model_output + 0.1, 0.5),
+        "ddim_step_backward_kl": (None, torch.randn(batch), model_output, sample, prev, a, p, 1.0, 2.0, 0, None, False,
+                                  model_output - 0.1, torch.rand(batch)),
     }
 
 
 @pytest.mark.parametrize("name", ["ddim_step", "ddim_log_prob", "ddim_ppo_loss", "ddim_ppo_loss_with_grad",
-                                  "ppo_clip_loss", "ddim_step_backward"])
+                                  "ppo_clip_loss", "ddim_step_backward", "ddim_ppo_loss_kl", "ddim_step_backward_kl"])
 def test_opcheck(cpu_backend, name):
-    op = getattr(torch.ops.ddpo_fast, name.removesuffix("_with_grad")).default
+    op = getattr(torch.ops.ddpo_fast, name.removesuffix("_kl").removesuffix("_with_grad")).default
     torch.library.opcheck(op, _op_samples()[name])
 
 
@@ -468,21 +473,162 @@ def test_torch_compile_fullgraph(cpu_backend):
     a, p = random_alphas(batch)
     advantages = torch.randn(batch)
 
+    reference_output = model_output + 0.1 * torch.randn(model_output.shape)
+
     def train_step(m):
         prev, old = ops.ddim_step_logprob(m.detach(), sample, a, p, seed=3, offset=1, guidance_scale=2.0)
         loss, stats = ops.ddim_ppo_loss(m * 1.01, sample, prev, a, p, old, advantages, clip_range=0.01,
                                         adv_clip_max=5.0, guidance_scale=2.0)
-        return loss, stats["approx_kl"]
+        # With the KL penalty (its gradient through the separate backward kernel's KL term).
+        kl_loss, kl_stats = ops.ddim_ppo_loss(m * 1.01, sample, prev, a, p, old, advantages, clip_range=0.01,
+                                              adv_clip_max=5.0, guidance_scale=2.0,
+                                              reference_output=reference_output, kl_beta=0.5)
+        return loss + 3 * kl_loss, stats["approx_kl"], kl_stats["kl"]
 
     compiled = torch.compile(train_step, fullgraph=True, backend="aot_eager")
     m_eager = model_output.clone().requires_grad_()
     m_compiled = model_output.clone().requires_grad_()
-    eager_loss, eager_kl = train_step(m_eager)
-    compiled_loss, compiled_kl = compiled(m_compiled)
+    eager_loss, eager_kl, eager_kl_ref = train_step(m_eager)
+    compiled_loss, compiled_kl, compiled_kl_ref = compiled(m_compiled)
     eager_loss.backward()
     compiled_loss.backward()
     assert torch.allclose(eager_loss, compiled_loss) and torch.allclose(eager_kl, compiled_kl)
+    assert eager_kl_ref > 0 and torch.allclose(eager_kl_ref, compiled_kl_ref)
     assert torch.allclose(m_eager.grad, m_compiled.grad)
+
+
+# ---- The KL penalty to a reference model (reference_output, kl_beta) -------------------------------
+
+KL_CASES = [  # batch, prediction, cfg, clip, dtype
+    (1, "epsilon", None, None, torch.float32),
+    (3, "v_prediction", 4.0, 1.0, torch.float32),
+    (7, "sample", None, 1.0, torch.bfloat16),
+    (3, "epsilon", 2.0, None, torch.float16),
+]
+
+
+def kl_inputs(batch, prediction, cfg, clip, dtype, shape=(4, 17, 23), seed=0):
+    """A stored step, a policy moved away from the one that sampled it and a reference output near it."""
+    model_output, sample, noise = make_inputs(batch, shape, dtype, cfg is not None, seed=seed)
+    a, p = random_alphas(batch, generator=torch.Generator().manual_seed(seed))
+    policy = dict(guidance_scale=cfg, prediction_type=prediction, clip_sample_range=clip)
+    prev, old = reference.ddim_step(model_output, sample, a, p, noise=noise, **policy)
+    g = torch.Generator().manual_seed(seed + 1)
+    new_output = (model_output.float() + 0.02 * torch.randn(model_output.shape, generator=g)).to(dtype)
+    reference_output = (model_output.float() + 0.1 * torch.randn(model_output.shape, generator=g)).to(dtype)
+    advantages = 3 * torch.randn(batch, generator=g)
+    return new_output, (sample, prev, a, p, old, advantages), reference_output, policy
+
+
+@pytest.mark.parametrize("batch,prediction,cfg,clip,dtype", KL_CASES)
+def test_kl_penalty_matches_reference(cpu_isa, batch, prediction, cfg, clip, dtype):
+    """loss = PPO + kl_beta mean KL, stats["kl"] and the gradient (the KL's included) against float64."""
+    new_output, args, reference_output, policy = kl_inputs(batch, prediction, cfg, clip, dtype)
+    kwargs = dict(clip_range=0.01, adv_clip_max=2.0, reference_output=reference_output, kl_beta=0.7, **policy)
+    m = new_output.clone().requires_grad_()
+    loss, stats = ops.ddim_ppo_loss(m, *args, **kwargs)
+    (0.5 * loss).backward()  # a non-unit upstream gradient
+    m_ref = new_output.double().requires_grad_()
+    ref_loss, ref_stats = reference.ddim_ppo_loss(m_ref, *(t.double() for t in args),
+                                                  **{**kwargs, "reference_output": reference_output.double()})
+    (0.5 * ref_loss).backward()
+    assert stats["kl"].dtype == torch.float32 and not stats["kl"].requires_grad
+    assert ref_stats["kl"] > 1e-3  # the penalty is not negligible: the gradient check below sees it
+    assert abs(stats["kl"].item() - ref_stats["kl"].item()) <= 1e-5 * ref_stats["kl"].item()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
+    assert rel_err(stats["log_prob"], ref_stats["log_prob"]) < 1e-5
+    assert m.grad.dtype == dtype
+    assert rel_err(m.grad, m_ref.grad) < (1e-5 if dtype == torch.float32 else 2 * ulp(dtype))
+
+
+def test_kl_penalty_one_pass_gradient_equals_the_two_pass_one(cpu_isa):
+    """The CPU forward that makes the gradient (KL term included) gives the bits of the separate
+    backward kernel fed d loss / d log_prob and d loss / d kl_b = kl_beta / B."""
+    new_output, (sample, prev, a, p, old, advantages), reference_output, _ = kl_inputs(
+        3, "v_prediction", 3.0, 1.0, torch.bfloat16)
+    policy = (1.0, 3.0, 2, 1.0, False)
+    outputs = torch.ops.ddpo_fast.ddim_ppo_loss(new_output, sample, prev, a, p, old, advantages, *policy, 0.05, 2.0,
+                                                True, reference_output, 0.3)
+    dloss_dlogp, one_pass = outputs[4], outputs[5]
+    grad_kl = torch.full((3,), 0.3 / 3)
+    two_pass = torch.ops.ddpo_fast.ddim_step_backward(None, dloss_dlogp, new_output, sample, prev, a, p, *policy,
+                                                      reference_output, grad_kl)
+    without_kl = torch.ops.ddpo_fast.ddim_step_backward(None, dloss_dlogp, new_output, sample, prev, a, p, *policy)
+    assert torch.equal(one_pass, two_pass) and not torch.equal(one_pass, without_kl)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_kl_penalty_is_zero_for_the_reference_itself(backend):
+    """reference_output == model_output: kl is exactly 0, and the loss and its gradient are those
+    without the penalty."""
+    for case in [(3, "epsilon", 2.0, 1.0, torch.float32), (7, "v_prediction", 7.5, 1.0, torch.bfloat16)]:
+        new_output, args, _, policy = kl_inputs(*case)
+        kwargs = dict(clip_range=0.01, adv_clip_max=2.0, **policy)
+        results = []
+        with use_backend(backend):
+            for penalty in ({}, dict(reference_output=new_output.clone(), kl_beta=2.0)):
+                m = new_output.clone().requires_grad_()
+                loss, stats = ops.ddim_ppo_loss(m, *args, **kwargs, **penalty)
+                loss.backward()
+                results.append((loss, stats, m.grad))
+        (loss, stats, grad), (kl_loss, kl_stats, kl_grad) = results
+        assert "kl" not in stats and kl_stats["kl"] == 0
+        assert torch.equal(loss, kl_loss) and torch.equal(grad, kl_grad)
+
+
+def test_kl_penalty_without_beta_reports_kl_only(cpu_backend):
+    new_output, args, reference_output, policy = kl_inputs(3, "epsilon", None, None, torch.float32)
+    kwargs = dict(clip_range=0.01, adv_clip_max=2.0, **policy)
+    loss, _ = ops.ddim_ppo_loss(new_output, *args, **kwargs)
+    kl_loss, stats = ops.ddim_ppo_loss(new_output, *args, reference_output=reference_output, **kwargs)
+    assert stats["kl"] > 0 and torch.equal(loss, kl_loss)
+
+
+def test_kl_penalty_gradcheck_float64(cpu_backend):
+    batch, shape = 2, (2, 3, 5)
+    model_output, sample, noise = make_inputs(batch, shape, torch.float64, cfg=True)
+    a = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    p = torch.tensor([0.4, 0.7], dtype=torch.float64)
+    policy = dict(guidance_scale=2.0, prediction_type="v_prediction", clip_sample_range=1.5)
+    prev, old = reference.ddim_step(model_output, sample, a, p, noise=noise, **policy)
+    advantages = torch.tensor([1.5, -0.7], dtype=torch.float64)
+    reference_output = model_output + 0.2 * torch.randn_like(model_output)
+
+    def loss(m):
+        return ops.ddim_ppo_loss(m, sample, prev, a, p, old, advantages, clip_range=0.5, adv_clip_max=5.0,
+                                 reference_output=reference_output, kl_beta=3.0, **policy)[0]
+
+    m = (model_output + 0.01 * torch.randn_like(model_output)).requires_grad_()
+    assert torch.autograd.gradcheck(loss, (m,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_kl_penalty_matches_a_monte_carlo_estimate(cpu_backend):
+    """stats["kl"] against E over x_{t-1} ~ policy of log p(x_{t-1}) - log p_ref(x_{t-1}), both
+    log-probabilities of steps sampled with the fused step op (v-prediction, CFG and clipping: the
+    reference's mean through the same mean function)."""
+    batch, draws, shape = 3, 2000, (4, 5, 7)
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn((2 * batch,) + shape, generator=g, dtype=torch.float64)
+    ref = out + 0.3 * torch.randn(out.shape, generator=g, dtype=torch.float64)
+    x = torch.randn((batch,) + shape, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.3, 0.5, 0.9], dtype=torch.float64)
+    p = torch.tensor([0.5, 0.6, 0.95], dtype=torch.float64)
+    policy = dict(eta=0.8, guidance_scale=3.0, prediction_type="v_prediction", clip_sample_range=1.0)
+    zeros = torch.zeros(batch, dtype=torch.float64)
+    _, stats = ops.ddim_ppo_loss(out, x, x, a, p, zeros, zeros, clip_range=0.1, adv_clip_max=1.0,
+                                 reference_output=ref, **policy)
+
+    def repeat(t):  # `draws` copies of the batch, as one batch (CFG halves kept apart)
+        halves = t.chunk(2) if t.shape[0] == 2 * batch else (t,)
+        return torch.cat([h.repeat((draws,) + (1,) * (t.dim() - 1)) for h in halves])
+
+    out_r, ref_r, x_r, a_r, p_r = map(repeat, (out, ref, x, a, p))
+    prev, log_prob = ops.ddim_step_logprob(out_r, x_r, a_r, p_r, seed=11, **policy)
+    _, log_prob_ref = ops.ddim_step_logprob(ref_r, x_r, a_r, p_r, prev_sample=prev, **policy)
+    # Standard error ~ sqrt(2 KL / (elements draws batch)): about 0.6% here.
+    estimate = (log_prob - log_prob_ref).mean()
+    assert stats["kl"] > 0.05
+    assert abs(stats["kl"].item() - estimate.item()) < 0.03 * stats["kl"].item()
 
 
 # ---- Drop-in for trl's scheduler_step / ddpo-pytorch's ddim_step_with_logprob, and diffusers ------
@@ -758,6 +904,26 @@ BAD_LOSS_INPUTS = {
     "prev_sample requires grad": (dict(prev_sample=torch.randn(2, 4, 5, 6, requires_grad=True)), ValueError, "prev_sample"),
     "advantages requires grad": (dict(advantages=torch.ones(2, requires_grad=True)), ValueError, "advantages"),
     "odd batch with cfg": (dict(model_output=torch.randn(3, 4, 5, 6), guidance_scale=2.0), ValueError, "model_output"),
+    # The KL penalty.
+    "reference_output shape": (dict(reference_output=torch.randn(2, 4, 5, 7)), ValueError, "reference_output"),
+    "reference_output without the cfg halves": (dict(model_output=torch.randn(4, 4, 5, 6), guidance_scale=2.0,
+                                                     reference_output=torch.randn(2, 4, 5, 6)),
+                                                ValueError, "reference_output"),
+    "reference_output dtype": (dict(reference_output=torch.ones(2, 4, 5, 6, dtype=torch.int32)), TypeError,
+                               "reference_output"),
+    "reference_output device": (dict(reference_output=torch.randn(2, 4, 5, 6, device="meta")), ValueError,
+                                "reference_output"),
+    "reference_output non-contiguous": (dict(reference_output=torch.randn(2, 6, 5, 4).transpose(1, 3)), ValueError,
+                                        "reference_output"),
+    "reference_output float64 mixed": (dict(reference_output=torch.randn(2, 4, 5, 6, dtype=torch.float64)),
+                                       TypeError, "reference_output"),
+    "reference_output requires grad": (dict(reference_output=torch.randn(2, 4, 5, 6, requires_grad=True)),
+                                       ValueError, "reference_output"),
+    "kl_beta negative": (dict(reference_output=torch.randn(2, 4, 5, 6), kl_beta=-0.1), ValueError, "kl_beta"),
+    "kl_beta nan": (dict(reference_output=torch.randn(2, 4, 5, 6), kl_beta=float("nan")), ValueError, "kl_beta"),
+    "kl_beta inf": (dict(reference_output=torch.randn(2, 4, 5, 6), kl_beta=float("inf")), ValueError, "kl_beta"),
+    "kl_beta not a number": (dict(reference_output=torch.randn(2, 4, 5, 6), kl_beta="0.1"), TypeError, "kl_beta"),
+    "kl_beta without reference_output": (dict(kl_beta=0.1), ValueError, "kl_beta.*reference_output"),
 }
 
 
@@ -838,3 +1004,16 @@ def test_core_rejects_null_pointers_instead_of_crashing():
     args.grad_direction = 0  # a sampling step without a noise tensor has nothing to stream
     with pytest.raises(ValueError, match="NoiseStream"):
         _C.NoiseStream(args)
+    # The KL penalty: a given prev_sample, and its per-sample output; its backward term needs it.
+    args.reference_output = model_output.data_ptr()
+    with pytest.raises(ValueError, match="reference_output"):
+        _C.ddim_forward_cpu(args)  # sampling
+    args.sample_noise = False
+    with pytest.raises(ValueError, match="kl"):
+        _C.ddim_forward_cpu(args)
+    args.reference_output, args.kl = 0, log_prob.data_ptr()
+    with pytest.raises(ValueError, match="reference_output"):
+        _C.ddim_forward_cpu(args)
+    args.kl, args.grad_kl, args.grad_log_prob, args.grad_model_output = 0, a.data_ptr(), a.data_ptr(), direction.data_ptr()
+    with pytest.raises(ValueError, match="grad_kl"):
+        _C.ddim_backward_cpu(args)

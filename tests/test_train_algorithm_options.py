@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ddpo_fast import config as cfg
 from ddpo_fast.advantages import group_advantages
 from ddpo_fast.ema import EMA
-from ddpo_fast.kl import ddim_kl
+from ddpo_fast.reference import ddim_kl
 from ddpo_fast.ops import ddim_step_logprob
 from ddpo_fast.sampling import choose_train_steps
 from ddpo_fast.train import Trainer

@@ -645,3 +645,57 @@ def test_api_step_and_ppo_loss(ops):
     torch.testing.assert_close(loss2.to(F64), exact2.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(lp.grad.to(F64), lp64.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(stats2["clipfrac"].to(F64), exact_stats2["clipfrac"])
+
+
+@pytest.mark.parametrize("case,dtype", [(CASES[5], torch.float32), (CASES[2], torch.bfloat16)],
+                         ids=["v_prediction-cfg-clip-uc-float32", "sample-clip-bfloat16"])
+def test_api_kl_penalty(ops, case, dtype):
+    """ddim_ppo_loss with reference_output: loss (+ kl_beta mean KL), stats["kl"] and the gradient (the
+    backward kernel's KL term) against float64; the batch has every step kind, the last one with
+    sigma == 0 (KL 0). With the reference itself: kl exactly 0 and the gradient without the penalty."""
+    gen = make_gen(37, case, str(dtype))
+    batch, pol = 4, policy(*case)
+    m, x, a, p = make_inputs(batch, SMALL, dtype, cfg=case[1] is not None, gen=gen)
+    reference_output = (m.to(F64) + randn(m.shape, F64, gen, 0.1)).to(dtype)
+    new = (m.to(F64) + randn(m.shape, F64, gen, 0.02)).to(dtype)
+    prev, _ = ops.ddim_step_logprob(m, x, a, p, seed=5, **pol)
+    m64, x64, a64, p64, prev64, r64 = up(m, x, a, p, prev, reference_output)
+    _, exact_lp = ref.ddim_step(m64, x64, a64, p64, prev_sample=prev64, **pol)
+    old, adv = ppo_inputs(exact_lp, gen, 0.05)
+    loss_kwargs = dict(clip_range=0.05, adv_clip_max=5.0, kl_beta=0.7, **pol)
+
+    leaf = new.detach().requires_grad_(True)
+    loss, stats = ops.ddim_ppo_loss(leaf, x, prev, a, p, old, adv, reference_output=reference_output, **loss_kwargs)
+    (0.5 * loss).backward()
+    leaf64 = new.detach().to(F64).requires_grad_(True)
+    exact_loss, exact_stats = ref.ddim_ppo_loss(leaf64, x64, prev64, a64, p64, old.to(F64), adv.to(F64),
+                                                reference_output=r64, **loss_kwargs)
+    (0.5 * exact_loss).backward()
+    leaf32 = new.detach().requires_grad_(True)
+    plain_loss, _ = ref.ddim_ppo_loss(leaf32, x, prev, a, p, old, adv, reference_output=reference_output,
+                                      **loss_kwargs)
+    (0.5 * plain_loss).backward()
+    assert exact_stats["kl"] > 1e-4
+    torch.testing.assert_close(stats["kl"].to(F64), exact_stats["kl"], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(loss.to(F64), exact_loss.detach(), rtol=1e-5, atol=1e-6)
+    assert_close_to_exact(leaf.grad, leaf64.grad, leaf32.grad, rtol=RTOL, what="d loss / d model_output")
+
+    grads = []
+    for penalty in ({}, dict(reference_output=new.clone(), kl_beta=2.0)):
+        leaf = new.detach().requires_grad_(True)
+        loss, stats = ops.ddim_ppo_loss(leaf, x, prev, a, p, old, adv, clip_range=0.05, adv_clip_max=5.0,
+                                        **pol, **penalty)
+        loss.backward()
+        grads.append((loss, stats, leaf.grad))
+    assert grads[1][1]["kl"] == 0 and torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][2], grads[1][2])
+
+    if dtype == torch.float32:  # the kernel entry alone: the per-sample KL without the PPO stage
+        kl = torch.empty(batch, device=DEVICE)
+        call = DdimCall(flat(new), flat(x), a, p, flat(prev), log_prob=torch.empty(batch, device=DEVICE),
+                        reference_output=flat(reference_output), kl=kl, **call_kwargs(pol))
+        tk.forward(call)
+        mu, sigma = ref.ddim_mean(new.to(F64), x64, a64, p64, pol["eta"], **{k: pol[k] for k in list(pol)[1:]})
+        mu_ref, _ = ref.ddim_mean(r64, x64, a64, p64, pol["eta"], **{k: pol[k] for k in list(pol)[1:]})
+        exact_kl = ref.gaussian_kl(mu, mu_ref, sigma)
+        assert exact_kl[-1] == 0 and kl[-1] == 0  # the last step: sigma == 0
+        torch.testing.assert_close(kl.to(F64), exact_kl, rtol=1e-5, atol=1e-9)

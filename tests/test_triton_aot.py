@@ -45,13 +45,13 @@ def expected_values() -> dict[str, dict[str, set]]:
                 mo_ptr=STORAGE, x_ptr=STORAGE, prev_ptr=STORAGE, at_ptr=COMPUTE, ap_ptr=COMPUTE,
                 eta_bits={"i32", "i64"}, w_bits={"i32", "i64"})
     return {
-        "_ddim_forward_kernel": dict(step, SAMPLE=flag, PHILOX=flag, PREV_BF16=flag, R={g.forward_block // 4},
-                                     noise_ptr=STORAGE, partial_ptr=COMPUTE),
-        "_finalize_kernel": dict(CT={"fp32", "fp64"}, FROM_PARTIALS=flag, PPO=flag, BB={g.batch_tile},
+        "_ddim_forward_kernel": dict(step, SAMPLE=flag, PHILOX=flag, PREV_BF16=flag, KL=flag, R={g.forward_block // 4},
+                                     noise_ptr=STORAGE, partial_ptr=COMPUTE, ref_ptr=STORAGE),
+        "_finalize_kernel": dict(CT={"fp32", "fp64"}, FROM_PARTIALS=flag, PPO=flag, KL=flag, BB={g.batch_tile},
                                  PC={g.partial_tile}, logp_ptr=COMPUTE, old_ptr=COMPUTE, dlogp_ptr=COMPUTE,
-                                 eta_bits={"i32", "i64"}),
-        "_ddim_backward_kernel": dict(step, HAS_GPREV=flag, GRAD_BF16=flag, BLOCK={g.backward_block},
-                                      gprev_ptr=STORAGE, gmo_ptr=STORAGE),
+                                 klref_ptr=COMPUTE, eta_bits={"i32", "i64"}),
+        "_ddim_backward_kernel": dict(step, HAS_GPREV=flag, GRAD_BF16=flag, KL=flag, BLOCK={g.backward_block},
+                                      gprev_ptr=STORAGE, gmo_ptr=STORAGE, ref_ptr=STORAGE, gkl_ptr=COMPUTE),
     }
 
 

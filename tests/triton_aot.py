@@ -21,7 +21,7 @@ Variants. The launch builders of kernels/ddim.py (forward_launches, ppo_launches
 backward_launches) turn a DdimCall into launches, so the constexprs and arguments compiled here
 are the ones their rules give, with GPU_CONFIG's tile sizes and num_warps. A seeded random pool of
 DdimCalls over every option the launchers read (compute dtype, prediction type, CFG, clipping,
-use_clipped_model_output, sampling with given noise / Philox / none, the PPO stage,
+use_clipped_model_output, sampling with given noise / Philox / none, the PPO stage, the KL penalty,
 grad_prev_sample, eta = 0, and the dtype of each tensor: fp32, bf16, fp16, fp64) gives the
 reachable variants of each kernel. From those a greedy covering picks a few that cover every pair
 of features (a constexpr's value or an argument's type) and every triple of constexpr values that
@@ -77,24 +77,35 @@ def random_call(rng: random.Random, entry: str) -> DdimCall:
     common = dict(eta=rng.choice([1.0, 0.0]), prediction=rng.choice([0, 1, 2]),
                   guidance_scale=7.5 if cfg else None, clip_sample_range=rng.choice([None, 1.0]),
                   use_clipped_model_output=rng.random() < 0.5)
-    if entry == "ppo":  # as ddpo_fast.ops.ppo_clip_loss makes it
+    # The KL penalty to a reference output (a given prev_sample only). The reference model runs in the
+    # policy's precision (a frozen copy or LoRA's base), so its output has model_output's dtype: the
+    # pool draws it so, which keeps the covering small (the load is the same code for either tensor).
+    kl = rng.random() < 0.5
+    if entry == "ppo":  # as ddpo_fast.ops.ppo_clip_loss makes it, or the flow loss's PPO stage with its KL
         empty = tensor(B, 1, dtype=ct)
         lp = per_sample()
+        kl_args = dict(kl=per_sample(), kl_mean=scalar(), kl_beta=0.1) if kl else {}
         return DdimCall(empty, empty, lp, lp, empty, log_prob=lp, old_log_prob=per_sample(), advantages=per_sample(),
-                        loss=scalar(), approx_kl=scalar(), clipfrac=scalar(), dloss_dlogp=per_sample())
+                        loss=scalar(), approx_kl=scalar(), clipfrac=scalar(), dloss_dlogp=per_sample(), **kl_args)
     model_output, sample, prev = tensor(rows, N), tensor(B, N), tensor(B, N)
     if entry == "backward":
         gprev = tensor(B, N) if rng.random() < 0.5 else None
+        kl_args = dict(reference_output=torch.empty_like(model_output), grad_kl=per_sample()) if kl else {}
         return DdimCall(model_output, sample, per_sample(), per_sample(), prev, grad_prev_sample=gprev,
-                        grad_log_prob=per_sample(), grad_model_output=torch.empty_like(model_output), **common)
+                        grad_log_prob=per_sample(), grad_model_output=torch.empty_like(model_output), **common,
+                        **kl_args)
     sampling = rng.choice(["given", "noise", "philox"])
     ppo = {}
     if rng.random() < 0.5:
         ppo = dict(old_log_prob=per_sample(), advantages=per_sample(), loss=scalar(), approx_kl=scalar(),
                    clipfrac=scalar(), dloss_dlogp=per_sample())
+    kl_args = {}
+    if kl and sampling == "given":
+        kl_args = dict(reference_output=torch.empty_like(model_output), kl=per_sample(), kl_beta=0.1,
+                       kl_mean=scalar() if ppo else None)
     return DdimCall(model_output, sample, per_sample(), per_sample(), prev, log_prob=per_sample(),
                     sample_noise=sampling != "given", noise=tensor(B, N) if sampling == "noise" else None,
-                    seed=rng.getrandbits(64), offset=rng.getrandbits(64), **common, **ppo)
+                    seed=rng.getrandbits(64), offset=rng.getrandbits(64), **common, **ppo, **kl_args)
 
 
 LAUNCHERS = {"forward": tk.forward_launches, "ppo": tk.ppo_launches, "backward": tk.backward_launches}

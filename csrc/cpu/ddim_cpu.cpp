@@ -93,9 +93,19 @@ void ppo_stage(const DdimArgs& a) {
     clipped += double(term.clipped);
     dloss_dlogp[b] = term.dloss_dlogp / T(a.batch);
   }
-  *reinterpret_cast<T*>(a.loss) = T(loss / double(a.batch));
   *reinterpret_cast<T*>(a.approx_kl) = T(kl / double(a.batch));
   *reinterpret_cast<T*>(a.clipfrac) = T(clipped / double(a.batch));
+  if (a.kl == 0) {
+    *reinterpret_cast<T*>(a.loss) = T(loss / double(a.batch));
+    return;
+  }
+  // The KL penalty: loss + kl_beta * mean(kl), from the per-sample KL of the forward pass.
+  const T* kl_to_reference = reinterpret_cast<const T*>(a.kl);
+  double kl_sum = 0.0;
+  for (int64_t b = 0; b < a.batch; ++b) kl_sum += double(kl_to_reference[b]);
+  const double kl_mean = kl_sum / double(a.batch);
+  *reinterpret_cast<T*>(a.kl_mean) = T(kl_mean);
+  *reinterpret_cast<T*>(a.loss) = T(loss / double(a.batch) + a.kl_beta * kl_mean);
 }
 
 void run_ppo_stage(const DdimArgs& args) {

@@ -79,12 +79,15 @@ void write(uintptr_t base, int32_t dtype, int64_t at, int n, const T* values) {
   });
 }
 
-// v = velocity of sample b, elements [i, i + n), after classifier-free guidance.
+// v = velocity of sample b, elements [i, i + n), after classifier-free guidance, from the policy's
+// model output or (`base`) the reference's.
 template <typename T>
-void read_velocity(const FlowArgs& a, int64_t b, int64_t i, int n, T* v, T* scratch) {
-  read(a.model_output, a.model_output_dtype, b * a.numel + i, n, v);
+void read_velocity(const FlowArgs& a, int64_t b, int64_t i, int n, T* v, T* scratch, uintptr_t base = 0,
+                   int32_t dtype = kFloat32) {
+  if (base == 0) base = a.model_output, dtype = a.model_output_dtype;
+  read(base, dtype, b * a.numel + i, n, v);
   if (!a.cfg) return;
-  read(a.model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, scratch);
+  read(base, dtype, (a.batch + b) * a.numel + i, n, scratch);
   const T w = T(a.guidance_scale);
   for (int j = 0; j < n; ++j) v[j] = v[j] + w * (scratch[j] - v[j]);
 }
@@ -100,8 +103,11 @@ void philox_normals(uint64_t g0, int n, uint64_t offset, uint64_t seed, T* z) {
   for (int j = 0; j < n; ++j) z[j] = T(window[j]);
 }
 
+// Sum over elements [i0, i1) of sample b of (x' - mean)^2; with a reference output (a given x'),
+// also of (mean - mean_ref)^2 into *kl_total.
 template <typename T>
-double forward_chunk(const FlowArgs& a, const FlowCoef<T>& k, int64_t b, int64_t i0, int64_t i1) {
+double forward_chunk(const FlowArgs& a, const FlowCoef<T>& k, int64_t b, int64_t i0, int64_t i1,
+                     double* kl_total = nullptr) {
   alignas(64) T v[kTile], mean[kTile], x[kTile], xp[kTile], z[kTile];
   double total = 0.0;
   for (int64_t i = i0; i < i1; i += kTile) {
@@ -129,12 +135,25 @@ double forward_chunk(const FlowArgs& a, const FlowCoef<T>& k, int64_t b, int64_t
       acc += d * d;
     }
     total += double(acc);
+    if (a.reference_output != 0) {  // z and xp are free now: the reference velocity and a scratch
+      read_velocity(a, b, i, n, z, xp, a.reference_output, a.reference_output_dtype);
+      T kl = T(0);
+#pragma omp simd reduction(+ : kl)
+      for (int j = 0; j < n; ++j) {  // mean - mean_ref = cm (v - v_ref): exactly 0 for v == v_ref
+        T gap = k.cm * (v[j] - z[j]);
+        kl += gap * gap;
+      }
+      *kl_total += double(kl);
+    }
   }
   return total;
 }
 
+// grad_model_output over elements [i0, i1) of sample b; c multiplies (x' - mean) and, with kl_term,
+// ck (mean - mean_ref) is added (the reference output is then read).
 template <typename T>
-void backward_chunk(const FlowArgs& a, const FlowCoef<T>& k, T c, int64_t b, int64_t i0, int64_t i1) {
+void backward_chunk(const FlowArgs& a, const FlowCoef<T>& k, T c, int64_t b, int64_t i0, int64_t i1,
+                    bool kl_term = false, T ck = T(0)) {
   alignas(64) T v[kTile], scratch[kTile], x[kTile], xp[kTile], up[kTile], g[kTile];
   const T w = T(a.guidance_scale);
   for (int64_t i = i0; i < i1; i += kTile) {
@@ -148,6 +167,10 @@ void backward_chunk(const FlowArgs& a, const FlowCoef<T>& k, T c, int64_t b, int
     if (a.grad_prev_sample_mean != 0) {
       read(a.grad_prev_sample_mean, a.grad_prev_sample_mean_dtype, at, n, scratch);
       for (int j = 0; j < n; ++j) up[j] += scratch[j];
+    }
+    if (kl_term) {  // the KL's d loss / d mean, ck (mean - mean_ref) = ck cm (v - v_ref), joins the upstream
+      read_velocity(a, b, i, n, g, scratch, a.reference_output, a.reference_output_dtype);  // g: free
+      for (int j = 0; j < n; ++j) up[j] += ck * (k.cm * (v[j] - g[j]));
     }
     for (int j = 0; j < n; ++j) g[j] = k.cm * (up[j] + c * (xp[j] - (k.cx * x[j] + k.cm * v[j])));
     if (!a.cfg) {
@@ -179,10 +202,12 @@ void forward_impl(const FlowArgs& a) {
   const int64_t chunks = chunks_per_sample(a.numel);
   const auto coef = coefficients<T>(a);
   std::vector<double> partial(size_t(a.batch * chunks));
+  std::vector<double> kl_partial(a.reference_output != 0 ? size_t(a.batch * chunks) : 0);
   parallel_for(a.batch * chunks, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, i0 = (item % chunks) * kChunk;
-      partial[item] = forward_chunk<T>(a, coef[b], b, i0, std::min(a.numel, i0 + kChunk));
+      double* kl = kl_partial.empty() ? nullptr : &kl_partial[item];
+      partial[item] = forward_chunk<T>(a, coef[b], b, i0, std::min(a.numel, i0 + kChunk), kl);
     }
   }, a.batch * a.numel >= kParallelElements);
   T* log_prob = reinterpret_cast<T*>(a.log_prob);
@@ -192,6 +217,10 @@ void forward_impl(const FlowArgs& a) {
     for (int64_t c = 0; c < chunks; ++c) sumsq += partial[b * chunks + c];
     log_prob[b] = coef[b].lp_scale * T(sumsq) / T(a.numel) + coef[b].lp_shift;
     if (std_dev_t != nullptr) std_dev_t[b] = coef[b].std_dev_t;
+    if (kl_partial.empty()) continue;
+    double kl_sumsq = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) kl_sumsq += kl_partial[b * chunks + c];
+    reinterpret_cast<T*>(a.kl)[b] = kl_from_sumsq(coef[b].inv_var, T(kl_sumsq), a.numel);
   }
 }
 
@@ -207,21 +236,28 @@ void forward_with_gradient_impl(const FlowArgs& a) {
   const T* advantages = reinterpret_cast<const T*>(a.advantages);
   T* log_prob = reinterpret_cast<T*>(a.log_prob);
   T* std_dev_t = reinterpret_cast<T*>(a.std_dev_t);
+  const bool with_kl = a.reference_output != 0;
+  const T grad_kl = T(a.kl_beta / double(a.batch));  // d loss / d kl_b, rounded once as in Python
   parallel_for(a.batch, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      double sumsq = 0.0;
+      double sumsq = 0.0, kl_sumsq = 0.0;
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t i0 = c * kChunk;
-        sumsq += forward_chunk<T>(a, coef[b], b, i0, std::min(a.numel, i0 + kChunk));
+        double kl_chunk = 0.0;
+        sumsq += forward_chunk<T>(a, coef[b], b, i0, std::min(a.numel, i0 + kChunk), with_kl ? &kl_chunk : nullptr);
+        kl_sumsq += kl_chunk;
       }
       log_prob[b] = coef[b].lp_scale * T(sumsq) / T(a.numel) + coef[b].lp_shift;
       if (std_dev_t != nullptr) std_dev_t[b] = coef[b].std_dev_t;
+      if (with_kl) reinterpret_cast<T*>(a.kl)[b] = kl_from_sumsq(coef[b].inv_var, T(kl_sumsq), a.numel);
       const PpoTerm<T> term = ppo_term<T>(log_prob[b], old_log_prob[b], advantages[b], T(a.ppo_clip_range),
                                           T(a.adv_clip_max));
       const T scale = T(-2) * coef[b].lp_scale * (term.dloss_dlogp / T(a.batch)) / T(a.numel);
+      const T ck = kl_grad_coef(coef[b].inv_var, grad_kl, a.numel);
+      const bool kl_term = with_kl && ck != T(0);
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t i0 = c * kChunk;
-        backward_chunk<T>(a, coef[b], scale, b, i0, std::min(a.numel, i0 + kChunk));
+        backward_chunk<T>(a, coef[b], scale, b, i0, std::min(a.numel, i0 + kChunk), kl_term, ck);
       }
     }
   }, a.batch * a.numel >= kParallelElements);
@@ -232,12 +268,14 @@ void backward_impl(const FlowArgs& a) {
   const int64_t chunks = chunks_per_sample(a.numel);
   const auto coef = coefficients<T>(a);
   const T* grad_log_prob = reinterpret_cast<const T*>(a.grad_log_prob);
+  const T* grad_kl = reinterpret_cast<const T*>(a.grad_kl);
   parallel_for(a.batch * chunks, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, i0 = (item % chunks) * kChunk;
       // d log_prob / d mean = -2 lp_scale (x' - mean) / numel
       const T c = T(-2) * coef[b].lp_scale * grad_log_prob[b] / T(a.numel);
-      backward_chunk<T>(a, coef[b], c, b, i0, std::min(a.numel, i0 + kChunk));
+      const T ck = grad_kl != nullptr ? kl_grad_coef(coef[b].inv_var, grad_kl[b], a.numel) : T(0);
+      backward_chunk<T>(a, coef[b], c, b, i0, std::min(a.numel, i0 + kChunk), ck != T(0), ck);
     }
   }, a.batch * a.numel >= kParallelElements);
 }

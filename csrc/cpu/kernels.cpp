@@ -93,14 +93,21 @@ void store_tile(uintptr_t base, int32_t dtype, int64_t offset, int n, T* values)
   }
 }
 
-// m = model output of sample b, elements [i, i + n), after classifier-free guidance.
+// m = the rows of sample b, elements [i, i + n), of a model output (`base`: the policy's or the
+// reference's, with its [uncond; cond] halves under CFG) after classifier-free guidance.
 template <typename T>
-void load_guided_tile(const DdimArgs& a, int64_t b, int64_t i, int n, T* m, T* scratch) {
-  load_tile(a.model_output, a.model_output_dtype, b * a.numel + i, n, m);
+void load_guided_rows(const DdimArgs& a, uintptr_t base, int32_t dtype, int64_t b, int64_t i, int n, T* m,
+                      T* scratch) {
+  load_tile(base, dtype, b * a.numel + i, n, m);
   if (!a.cfg) return;
-  load_tile(a.model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, scratch);
+  load_tile(base, dtype, (a.batch + b) * a.numel + i, n, scratch);
   const T w = T(a.guidance_scale);
   for (int j = 0; j < n; ++j) m[j] = m[j] + w * (scratch[j] - m[j]);
+}
+
+template <typename T>
+void load_guided_tile(const DdimArgs& a, int64_t b, int64_t i, int n, T* m, T* scratch) {
+  load_guided_rows(a, a.model_output, a.model_output_dtype, b, i, n, m, scratch);
 }
 
 // ---- Philox4x32-10 words, one block per 32-bit vector lane ----------------------------------------
@@ -243,9 +250,25 @@ T given_tile_sumsq(const StepCoef<T>& k, const T* x, const T* m, const T* xp, in
   return acc;
 }
 
-// Sum over elements [i0, i1) of sample b of (x' - mu)^2; writes x' first when sampling.
+// Sum over a tile of (mu - mu_ref)^2, mu_ref from the guided reference output mr by the same mean
+// function (ddim_mean_gap). A loop of its own: the log-prob's loop is the same code with or without
+// the KL penalty, so its sums keep their bits.
+template <bool kClip, typename T>
+T tile_kl_sumsq(const StepCoef<T>& k, const T* x, const T* m, const T* mr, int n, T range, bool use_clipped) {
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int j = 0; j < n; ++j) {
+    T gap = ddim_mean_gap<kClip>(k, x[j], m[j], mr[j], range, use_clipped);
+    acc += gap * gap;
+  }
+  return acc;
+}
+
+// Sum over elements [i0, i1) of sample b of (x' - mu)^2; writes x' first when sampling. With a
+// reference output (a given x' only), also the sum of (mu - mu_ref)^2 into *kl_total.
 template <typename T, bool kClip>
-double forward_chunk(const DdimArgs& a, const StepCoef<T>& k, int64_t b, int64_t i0, int64_t i1) {
+double forward_chunk(const DdimArgs& a, const StepCoef<T>& k, int64_t b, int64_t i0, int64_t i1,
+                     double* kl_total = nullptr) {
   alignas(64) T m[kTile], scratch[kTile], x[kTile], xp[kTile], z[kTile];
   const T range = T(a.clip_sample_range);
   const bool use_clipped = a.use_clipped_model_output;
@@ -281,6 +304,10 @@ double forward_chunk(const DdimArgs& a, const StepCoef<T>& k, int64_t b, int64_t
                 ? given_tile_sumsq<kClip, true>(k, x, m, xp, n, range, use_clipped, a.numel,
                                                 reinterpret_cast<T*>(a.grad_direction) + at)
                 : given_tile_sumsq<kClip, false>(k, x, m, xp, n, range, use_clipped, a.numel, static_cast<T*>(nullptr));
+      if (a.reference_output != 0) {  // z is free without sampling: the guided reference output
+        load_guided_rows(a, a.reference_output, a.reference_output_dtype, b, i, n, z, scratch);
+        *kl_total += double(tile_kl_sumsq<kClip>(k, x, m, z, n, range, use_clipped));
+      }
     }
     total += double(acc);
   }
@@ -305,9 +332,12 @@ void store_guided_gradient(const DdimArgs& a, int64_t b, int64_t i, int n, T* g,
   store_tile<false>(a.grad_model_output, a.model_output_dtype, (a.batch + b) * a.numel + i, n, scratch);
 }
 
-// grad_model_output over elements [i0, i1) of sample b; c = grad_log_prob[b] / (sigma^2 numel).
+// grad_model_output over elements [i0, i1) of sample b; c = grad_log_prob[b] / (sigma^2 numel), and
+// with kl_term the KL's ck (mu - mu_ref), ck = kl_grad_coef (the reference output is then read),
+// added to grad_prev_sample (both are upstream gradients of mu).
 template <typename T, bool kClip>
-void backward_chunk(const DdimArgs& a, const StepCoef<T>& k, T c, int64_t b, int64_t i0, int64_t i1) {
+void backward_chunk(const DdimArgs& a, const StepCoef<T>& k, T c, int64_t b, int64_t i0, int64_t i1,
+                    bool kl_term = false, T ck = T(0)) {
   alignas(64) T m[kTile], scratch[kTile], x[kTile], xp[kTile], gp[kTile], g[kTile];
   const T range = T(a.clip_sample_range);
   const bool use_clipped = a.use_clipped_model_output;
@@ -321,6 +351,10 @@ void backward_chunk(const DdimArgs& a, const StepCoef<T>& k, T c, int64_t b, int
       load_tile(a.grad_prev_sample, a.grad_prev_sample_dtype, at, n, gp);
     } else {
       std::fill(gp, gp + n, T(0));
+    }
+    if (kl_term) {  // d loss / d mu of the KL, ck (mu - mu_ref), joins the upstream gradient of mu
+      load_guided_rows(a, a.reference_output, a.reference_output_dtype, b, i, n, g, scratch);  // g: free
+      for (int j = 0; j < n; ++j) gp[j] += ck * ddim_mean_gap<kClip>(k, x[j], m[j], g[j], range, use_clipped);
     }
     for (int j = 0; j < n; ++j) {
       T mu, dmu;
@@ -354,9 +388,10 @@ std::vector<StepCoef<T>> step_coefficients(const DdimArgs& a) {
   return coef;
 }
 
-// log_prob of each sample from the per-(sample, chunk) sums of squares, added in chunk order.
+// log_prob of each sample from the per-(sample, chunk) sums of squares, added in chunk order; with
+// kl_partial (a reference output), kl the same way from the sums of (mu - mu_ref)^2.
 template <typename T>
-void log_prob_from_partials(const DdimArgs& a, const double* partial) {
+void log_prob_from_partials(const DdimArgs& a, const double* partial, const double* kl_partial = nullptr) {
   const int64_t chunks = chunks_per_sample(a.numel);
   const auto coef = step_coefficients<T>(a);
   T* log_prob = reinterpret_cast<T*>(a.log_prob);
@@ -365,6 +400,13 @@ void log_prob_from_partials(const DdimArgs& a, const double* partial) {
     for (int64_t c = 0; c < chunks; ++c) sumsq += partial[b * chunks + c];
     log_prob[b] = log_prob_from_sumsq(coef[b], T(sumsq), a.numel);
   }
+  if (kl_partial == nullptr) return;
+  T* kl = reinterpret_cast<T*>(a.kl);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    double sumsq = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) sumsq += kl_partial[b * chunks + c];
+    kl[b] = kl_from_sumsq(coef[b].inv_var, T(sumsq), a.numel);
+  }
 }
 
 template <typename T>
@@ -372,14 +414,16 @@ void forward_impl(const DdimArgs& a) {
   const int64_t chunks = chunks_per_sample(a.numel);
   const auto coef = step_coefficients<T>(a);
   std::vector<double> partial(size_t(a.batch * chunks));
+  std::vector<double> kl_partial(a.reference_output != 0 ? size_t(a.batch * chunks) : 0);
   parallel_for(a.batch * chunks, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, i0 = (item % chunks) * kChunk, i1 = std::min(a.numel, i0 + kChunk);
-      partial[item] = a.clip_sample ? forward_chunk<T, true>(a, coef[b], b, i0, i1)
-                                    : forward_chunk<T, false>(a, coef[b], b, i0, i1);
+      double* kl = kl_partial.empty() ? nullptr : &kl_partial[item];
+      partial[item] = a.clip_sample ? forward_chunk<T, true>(a, coef[b], b, i0, i1, kl)
+                                    : forward_chunk<T, false>(a, coef[b], b, i0, i1, kl);
     }
   }, a.batch * a.numel >= kParallelElements);
-  log_prob_from_partials<T>(a, partial.data());
+  log_prob_from_partials<T>(a, partial.data(), kl_partial.empty() ? nullptr : kl_partial.data());
 }
 
 // Work item `item` = (sample, chunk) of forward_impl, on its own: the sum of squares of the chunk.
@@ -397,6 +441,8 @@ double forward_item_impl(const DdimArgs& a, int64_t item) {
 // sample alone (d loss / d log_prob_b) follows, and the gradient pass re-reads the rows from cache.
 // Writes grad_model_output for a unit upstream gradient. Bit-identical to forward_impl followed by
 // the PPO stage and backward_impl with grad_log_prob = dloss_dlogp (same sums in the same order).
+// With a reference output, the KL term too: kl[b] from the same pass, and d loss / d kl_b =
+// kl_beta / batch (the PPO stage adds kl_beta * mean(kl) to the loss) in the gradient pass.
 template <typename T>
 void forward_with_gradient_impl(const DdimArgs& a) {
   const int64_t chunks = chunks_per_sample(a.numel);
@@ -404,25 +450,34 @@ void forward_with_gradient_impl(const DdimArgs& a) {
   const T* old_log_prob = reinterpret_cast<const T*>(a.old_log_prob);
   const T* advantages = reinterpret_cast<const T*>(a.advantages);
   T* log_prob = reinterpret_cast<T*>(a.log_prob);
+  const bool with_kl = a.reference_output != 0;
+  // Rounded once from double, as the Python layer forms the backward's grad_kl: bit-identical.
+  const T grad_kl = T(a.kl_beta / double(a.batch));
   parallel_for(a.batch, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      double sumsq = 0.0;
+      double sumsq = 0.0, kl_sumsq = 0.0;
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t i0 = c * kChunk, i1 = std::min(a.numel, i0 + kChunk);
-        sumsq += a.clip_sample ? forward_chunk<T, true>(a, coef[b], b, i0, i1)
-                               : forward_chunk<T, false>(a, coef[b], b, i0, i1);
+        double kl_chunk = 0.0;
+        double* kl = with_kl ? &kl_chunk : nullptr;
+        sumsq += a.clip_sample ? forward_chunk<T, true>(a, coef[b], b, i0, i1, kl)
+                               : forward_chunk<T, false>(a, coef[b], b, i0, i1, kl);
+        kl_sumsq += kl_chunk;
       }
       log_prob[b] = log_prob_from_sumsq(coef[b], T(sumsq), a.numel);
+      if (with_kl) reinterpret_cast<T*>(a.kl)[b] = kl_from_sumsq(coef[b].inv_var, T(kl_sumsq), a.numel);
       const PpoTerm<T> term = ppo_term<T>(log_prob[b], old_log_prob[b], advantages[b], T(a.ppo_clip_range),
                                           T(a.adv_clip_max));
       const T grad_log_prob = term.dloss_dlogp / T(a.batch);
       const T scale = grad_log_prob * coef[b].inv_var / T(a.numel);
+      const T ck = kl_grad_coef(coef[b].inv_var, grad_kl, a.numel);
+      const bool kl_term = with_kl && ck != T(0);
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t i0 = c * kChunk, i1 = std::min(a.numel, i0 + kChunk);
         if (a.clip_sample) {
-          backward_chunk<T, true>(a, coef[b], scale, b, i0, i1);
+          backward_chunk<T, true>(a, coef[b], scale, b, i0, i1, kl_term, ck);
         } else {
-          backward_chunk<T, false>(a, coef[b], scale, b, i0, i1);
+          backward_chunk<T, false>(a, coef[b], scale, b, i0, i1, kl_term, ck);
         }
       }
     }
@@ -434,6 +489,7 @@ void backward_impl(const DdimArgs& a) {
   const int64_t chunks = chunks_per_sample(a.numel);
   const auto coef = step_coefficients<T>(a);
   const T* grad_log_prob = reinterpret_cast<const T*>(a.grad_log_prob);
+  const T* grad_kl = reinterpret_cast<const T*>(a.grad_kl);
   parallel_for(a.batch * chunks, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, i0 = (item % chunks) * kChunk, i1 = std::min(a.numel, i0 + kChunk);
@@ -442,10 +498,12 @@ void backward_impl(const DdimArgs& a) {
         continue;
       }
       const T c = grad_log_prob[b] * coef[b].inv_var / T(a.numel);
+      const T ck = a.grad_kl != 0 ? kl_grad_coef(coef[b].inv_var, grad_kl[b], a.numel) : T(0);
+      const bool kl_term = ck != T(0);
       if (a.clip_sample) {
-        backward_chunk<T, true>(a, coef[b], c, b, i0, i1);
+        backward_chunk<T, true>(a, coef[b], c, b, i0, i1, kl_term, ck);
       } else {
-        backward_chunk<T, false>(a, coef[b], c, b, i0, i1);
+        backward_chunk<T, false>(a, coef[b], c, b, i0, i1, kl_term, ck);
       }
     }
   }, a.batch * a.numel >= kParallelElements);

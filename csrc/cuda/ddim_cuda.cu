@@ -24,7 +24,8 @@
 // Log-prob reduction (deterministic, no atomics): each block sums (x' - mu)^2 over its chunk
 // (per thread in element order, then a fixed shuffle tree) into workspace[sample * chunks + chunk];
 // a one-block finalize kernel adds each sample's partials in chunk order, writes log_prob and,
-// with the PPO stage, reduces loss / approx_kl / clipfrac over the batch in a fixed order.
+// with the PPO stage, reduces loss / approx_kl / clipfrac over the batch in a fixed order. The KL
+// penalty (a reference output) sums (mu - mu_ref)^2 the same way into the workspace's second half.
 //
 // No host synchronisation, allocation or memset: a step can be captured in a CUDA graph.
 //
@@ -67,6 +68,9 @@ struct FinalizeParams {
   void* approx_kl;
   void* clipfrac;
   void* dloss_dlogp;
+  void* kl;           // the KL penalty (null: none): per-sample KL, written when reduce, else read
+  void* kl_mean;
+  double kl_beta;
 };
 
 // ---- Block reductions (fixed order: deterministic for a fixed block size) ----------------------
@@ -99,21 +103,29 @@ __device__ __forceinline__ void block_sum(T (&v)[kCount]) {
 
 // ---- The kernels ---------------------------------------------------------------------------------
 
-template <typename T, bool kClip>
+// kKL: also the block's sum of (mu - mu_ref)^2, into the workspace's second half.
+template <typename T, bool kClip, bool kKL>
 __global__ void __launch_bounds__(kThreads) ddim_forward_kernel(const StepParams p) {
   const uint32_t block = blockIdx.x;
   const uint32_t b = block / p.chunks;
   const uint32_t chunk = block - b * p.chunks;
   const int64_t i0 = int64_t(chunk) * kChunk + int64_t(threadIdx.x) * kVec;
-  T v[1] = {T(0)};
+  constexpr int kSums = kKL ? 2 : 1;
+  T v[kSums];
+#pragma unroll
+  for (int s = 0; s < kSums; ++s) v[s] = T(0);
   if (i0 < p.numel) {
-    v[0] = p.vec ? forward_unit<T, kClip, true>(p, b, i0) : forward_unit<T, kClip, false>(p, b, i0);
+    T* kl = kKL ? &v[kSums - 1] : nullptr;
+    v[0] = p.vec ? forward_unit<T, kClip, true, kKL>(p, b, i0, kl) : forward_unit<T, kClip, false, kKL>(p, b, i0, kl);
   }
-  block_sum<kThreads, 1>(v);
-  if (threadIdx.x == 0) static_cast<T*>(p.workspace)[block] = v[0];
+  block_sum<kThreads, kSums>(v);
+  if (threadIdx.x == 0) {
+    static_cast<T*>(p.workspace)[block] = v[0];
+    if (kKL) static_cast<T*>(p.workspace)[uint32_t(p.batch) * p.chunks + block] = v[kSums - 1];
+  }
 }
 
-template <typename T, bool kClip>
+template <typename T, bool kClip, bool kKL>
 __global__ void __launch_bounds__(kThreads) ddim_backward_kernel(const StepParams p) {
   const uint32_t block = blockIdx.x;
   const uint32_t b = block / p.chunks;
@@ -121,19 +133,21 @@ __global__ void __launch_bounds__(kThreads) ddim_backward_kernel(const StepParam
   const int64_t i0 = int64_t(chunk) * kChunk + int64_t(threadIdx.x) * kVec;
   if (i0 >= p.numel) return;
   if (p.vec) {
-    backward_unit<T, kClip, true>(p, b, i0);
+    backward_unit<T, kClip, true, kKL>(p, b, i0);
   } else {
-    backward_unit<T, kClip, false>(p, b, i0);
+    backward_unit<T, kClip, false, kKL>(p, b, i0);
   }
 }
 
-// One block: per sample, the chunk partials in chunk order -> log_prob; then the PPO stage.
+// One block: per sample, the chunk partials in chunk order -> log_prob (and the KL to the reference
+// step); then the PPO stage, with the KL penalty when p.kl is set.
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const FinalizeParams p) {
-  T acc[3] = {T(0), T(0), T(0)};  // loss, kl, clipped
+  T acc[4] = {T(0), T(0), T(0), T(0)};  // loss, approx kl, clipped, kl to the reference
   const T batch = T(p.batch);
+  const bool with_kl = p.kl != nullptr;
   for (int64_t b = threadIdx.x; b < p.batch; b += kFinalizeThreads) {
-    T lp;
+    T lp, kl = T(0);
     if (p.reduce) {
       const T* partial = static_cast<const T*>(p.workspace) + b * int64_t(p.chunks);
       T sumsq = T(0);
@@ -142,8 +156,16 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Finali
                                               load_scalar_param<T>(p.alpha_prev, b), T(p.eta), p.prediction);
       lp = log_prob_from_sumsq<T>(k, sumsq, p.numel);
       static_cast<T*>(p.log_prob)[b] = lp;
+      if (with_kl) {  // the workspace's second half
+        const T* kl_partial = partial + p.batch * int64_t(p.chunks);
+        T kl_sumsq = T(0);
+        for (uint32_t c = 0; c < p.chunks; ++c) kl_sumsq += kl_partial[c];
+        kl = kl_from_sumsq<T>(k.inv_var, kl_sumsq, p.numel);
+        static_cast<T*>(p.kl)[b] = kl;
+      }
     } else {
       lp = load_scalar_param<T>(p.log_prob, b);
+      if (with_kl) kl = load_scalar_param<T>(p.kl, b);
     }
     if (p.ppo) {
       const PpoTerm<T> t = ppo_term<T>(lp, load_scalar_param<T>(p.old_log_prob, b),
@@ -151,15 +173,18 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Finali
       acc[0] += t.loss;
       acc[1] += t.kl;
       acc[2] += t.clipped;
+      acc[3] += kl;
       if (p.dloss_dlogp != nullptr) static_cast<T*>(p.dloss_dlogp)[b] = t.dloss_dlogp / batch;
     }
   }
   if (!p.ppo) return;  // uniform over the block
-  block_sum<kFinalizeThreads, 3>(acc);
+  block_sum<kFinalizeThreads, 4>(acc);
   if (threadIdx.x == 0) {
-    if (p.loss != nullptr) *static_cast<T*>(p.loss) = acc[0] / batch;
+    const T kl_mean = acc[3] / batch;
+    if (p.loss != nullptr) *static_cast<T*>(p.loss) = with_kl ? acc[0] / batch + T(p.kl_beta) * kl_mean : acc[0] / batch;
     if (p.approx_kl != nullptr) *static_cast<T*>(p.approx_kl) = acc[1] / batch;
     if (p.clipfrac != nullptr) *static_cast<T*>(p.clipfrac) = acc[2] / batch;
+    if (with_kl && p.kl_mean != nullptr) *static_cast<T*>(p.kl_mean) = kl_mean;
   }
 }
 
@@ -221,7 +246,8 @@ void check_step(const DdimArgs& a, const char* op, bool backward) {
   require(a.model_output != 0 && a.sample != 0 && a.alpha_t != 0 && a.alpha_prev != 0 && a.prev_sample != 0,
           name + ": model_output, sample, alpha_t, alpha_prev and prev_sample must be set");
   require(valid_dtype(a.model_output_dtype) && valid_dtype(a.sample_dtype) && valid_dtype(a.prev_sample_dtype) &&
-              valid_dtype(a.noise_dtype) && valid_dtype(a.grad_prev_sample_dtype),
+              valid_dtype(a.noise_dtype) && valid_dtype(a.grad_prev_sample_dtype) &&
+              valid_dtype(a.reference_output_dtype),
           name + ": unknown dtype code");
   const int64_t chunks = chunks_per_sample(a.numel);
   require(a.batch * chunks <= int64_t(INT32_MAX) && chunks <= int64_t(UINT32_MAX),
@@ -230,7 +256,8 @@ void check_step(const DdimArgs& a, const char* op, bool backward) {
     require(a.grad_model_output != 0, name + ": grad_model_output must be set");
   } else {
     require(a.log_prob != 0, name + ": log_prob must be set");
-    require(a.workspace != 0, name + ": workspace must be set (batch * chunks_per_sample(numel) values)");
+    require(a.workspace != 0, name + ": workspace must be set (batch * chunks_per_sample(numel) values, twice "
+                                     "that with reference_output)");
   }
 }
 
@@ -248,6 +275,7 @@ bool vector_path_ok(const DdimArgs& a, bool backward) {
   auto ok = [&](uintptr_t ptr, int32_t dtype) { return aligned16(ptr) && dtype_size(dtype) <= widest; };
   bool good = ok(a.model_output, a.model_output_dtype) && ok(a.sample, a.sample_dtype) &&
               ok(a.prev_sample, a.prev_sample_dtype);
+  if (a.reference_output != 0) good = good && ok(a.reference_output, a.reference_output_dtype);
   if (backward) {
     good = good && ok(a.grad_model_output, a.model_output_dtype);
     if (a.grad_prev_sample != 0) good = good && ok(a.grad_prev_sample, a.grad_prev_sample_dtype);
@@ -287,6 +315,9 @@ StepParams make_step_params(const DdimArgs& a, bool backward) {
   p.grad_prev_sample_dtype = a.grad_prev_sample_dtype;
   p.grad_log_prob = backward ? reinterpret_cast<const void*>(a.grad_log_prob) : nullptr;
   p.grad_model_output = backward ? reinterpret_cast<void*>(a.grad_model_output) : nullptr;
+  p.reference_output = reinterpret_cast<const void*>(a.reference_output);
+  p.reference_output_dtype = a.reference_output_dtype;
+  p.grad_kl = backward ? reinterpret_cast<const void*>(a.grad_kl) : nullptr;
   return p;
 }
 
@@ -311,6 +342,9 @@ FinalizeParams make_finalize_params(const DdimArgs& a, bool reduce) {
   f.approx_kl = reinterpret_cast<void*>(a.approx_kl);
   f.clipfrac = reinterpret_cast<void*>(a.clipfrac);
   f.dloss_dlogp = reinterpret_cast<void*>(a.dloss_dlogp);
+  f.kl = reinterpret_cast<void*>(a.kl);
+  f.kl_mean = reinterpret_cast<void*>(a.kl_mean);
+  f.kl_beta = a.kl_beta;
   return f;
 }
 
@@ -322,24 +356,41 @@ void launch_finalize(const FinalizeParams& f, cudaStream_t stream) {
   check_launch("finalize_kernel");
 }
 
+// kl: the KL penalty's variants (a reference output; in the backward, a grad_kl too).
 template <typename T>
-void launch_forward(const StepParams& p, bool clip, cudaStream_t stream) {
+void launch_forward(const StepParams& p, bool clip, bool kl, cudaStream_t stream) {
   const unsigned blocks = unsigned(p.batch) * p.chunks;
   if (clip) {
-    ddim_forward_kernel<T, true><<<blocks, kThreads, 0, stream>>>(p);
+    if (kl) {
+      ddim_forward_kernel<T, true, true><<<blocks, kThreads, 0, stream>>>(p);
+    } else {
+      ddim_forward_kernel<T, true, false><<<blocks, kThreads, 0, stream>>>(p);
+    }
   } else {
-    ddim_forward_kernel<T, false><<<blocks, kThreads, 0, stream>>>(p);
+    if (kl) {
+      ddim_forward_kernel<T, false, true><<<blocks, kThreads, 0, stream>>>(p);
+    } else {
+      ddim_forward_kernel<T, false, false><<<blocks, kThreads, 0, stream>>>(p);
+    }
   }
   check_launch("ddim_forward_kernel");
 }
 
 template <typename T>
-void launch_backward(const StepParams& p, bool clip, cudaStream_t stream) {
+void launch_backward(const StepParams& p, bool clip, bool kl, cudaStream_t stream) {
   const unsigned blocks = unsigned(p.batch) * p.chunks;
   if (clip) {
-    ddim_backward_kernel<T, true><<<blocks, kThreads, 0, stream>>>(p);
+    if (kl) {
+      ddim_backward_kernel<T, true, true><<<blocks, kThreads, 0, stream>>>(p);
+    } else {
+      ddim_backward_kernel<T, true, false><<<blocks, kThreads, 0, stream>>>(p);
+    }
   } else {
-    ddim_backward_kernel<T, false><<<blocks, kThreads, 0, stream>>>(p);
+    if (kl) {
+      ddim_backward_kernel<T, false, true><<<blocks, kThreads, 0, stream>>>(p);
+    } else {
+      ddim_backward_kernel<T, false, false><<<blocks, kThreads, 0, stream>>>(p);
+    }
   }
   check_launch("ddim_backward_kernel");
 }
@@ -355,11 +406,12 @@ void ddim_forward_cuda(const DdimArgs& args) {
   const cudaStream_t stream = stream_of(args);
   const StepParams p = make_step_params(args, /*backward=*/false);
   const FinalizeParams f = make_finalize_params(args, /*reduce=*/true);
+  const bool kl = args.reference_output != 0;
   if (args.compute == kFloat64) {
-    if (p.chunks > 0) launch_forward<double>(p, args.clip_sample, stream);
+    if (p.chunks > 0) launch_forward<double>(p, args.clip_sample, kl, stream);
     launch_finalize<double>(f, stream);
   } else {
-    if (p.chunks > 0) launch_forward<float>(p, args.clip_sample, stream);
+    if (p.chunks > 0) launch_forward<float>(p, args.clip_sample, kl, stream);
     launch_finalize<float>(f, stream);
   }
 }
@@ -370,10 +422,11 @@ void ddim_backward_cuda(const DdimArgs& args) {
   if (args.batch == 0 || args.numel == 0) return;
   DeviceGuard guard(args.device);
   const StepParams p = make_step_params(args, /*backward=*/true);
+  const bool kl = args.reference_output != 0 && args.grad_kl != 0;
   if (args.compute == kFloat64) {
-    launch_backward<double>(p, args.clip_sample, stream_of(args));
+    launch_backward<double>(p, args.clip_sample, kl, stream_of(args));
   } else {
-    launch_backward<float>(p, args.clip_sample, stream_of(args));
+    launch_backward<float>(p, args.clip_sample, kl, stream_of(args));
   }
 }
 

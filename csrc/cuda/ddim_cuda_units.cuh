@@ -56,6 +56,9 @@ struct StepParams {
   int32_t grad_prev_sample_dtype;
   const void* grad_log_prob;  // backward, optional (null: 0)
   void* grad_model_output;
+  const void* reference_output;  // the KL penalty (kernels instantiated with kKL), model_output's rows
+  int32_t reference_output_dtype;
+  const void* grad_kl;  // backward with kKL, optional (null: 0)
 };
 
 // ---- Raw 8-element units (vector path) ----------------------------------------------------------
@@ -260,9 +263,36 @@ __device__ __forceinline__ T load_scalar_param(const void* p, int64_t i) {
   return static_cast<const T*>(p)[i];
 }
 
-// Forward over one unit: writes x' when sampling, returns the unit's sum of (x' - mu)^2.
-template <typename T, bool kClip, bool kVecPath>
-__device__ __forceinline__ T forward_unit(const StepParams& p, int64_t b, int64_t i0) {
+// The guided reference output of a unit (kKL), from its raw units (vector path) or by elements.
+template <typename T, bool kVecPath>
+__device__ __forceinline__ void load_reference_unit(const StepParams& p, int64_t row, int64_t row_c, int count,
+                                                    Unit<T>& ur, Unit<T>& urc, T r[kVec], T rc[kVec]) {
+  if constexpr (kVecPath) {
+    load_unit(p.reference_output, p.reference_output_dtype, row, ur);
+    load_unit(p.reference_output, p.reference_output_dtype, row_c, urc, p.cfg);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const bool ok = j < count;
+      r[j] = ok ? load_elem<T>(p.reference_output, p.reference_output_dtype, row + j) : T(0);
+      rc[j] = (ok && p.cfg) ? load_elem<T>(p.reference_output, p.reference_output_dtype, row_c + j) : T(0);
+    }
+  }
+}
+
+template <typename T, bool kVecPath>
+__device__ __forceinline__ void decode_reference_unit(const StepParams& p, const Unit<T>& ur, const Unit<T>& urc,
+                                                      T r[kVec], T rc[kVec]) {
+  if constexpr (kVecPath) {
+    decode_unit(ur, p.reference_output_dtype, r);
+    if (p.cfg) decode_unit(urc, p.reference_output_dtype, rc);
+  }
+}
+
+// Forward over one unit: writes x' when sampling, returns the unit's sum of (x' - mu)^2. kKL (a
+// given x' only): also the sum of (mu - mu_ref)^2 into kl_sumsq, mu_ref by the same mean function.
+template <typename T, bool kClip, bool kVecPath, bool kKL = false>
+__device__ __forceinline__ T forward_unit(const StepParams& p, int64_t b, int64_t i0, T* kl_sumsq = nullptr) {
   const int64_t n = p.numel;
   const int64_t row = b * n + i0;                // (b, i0) in sample / prev_sample / noise
   const int64_t row_c = (p.batch + b) * n + i0;  // the conditional half of model_output
@@ -291,6 +321,9 @@ __device__ __forceinline__ T forward_unit(const StepParams& p, int64_t b, int64_
                                    : T(0);
     }
   }
+  T r[kVec], rc[kVec];
+  Unit<T> ur, urc;
+  if constexpr (kKL) load_reference_unit<T, kVecPath>(p, row, row_c, count, ur, urc, r, rc);
 
   // 2. While they are in flight: the Philox noise (no memory access) and the per-sample
   // coefficients.
@@ -308,6 +341,7 @@ __device__ __forceinline__ T forward_unit(const StepParams& p, int64_t b, int64_
     decode_unit(ux, p.sample_dtype, x);
     if (read_prev || read_noise) decode_unit(uin, in_dtype, in);
   }
+  if constexpr (kKL) decode_reference_unit<T, kVecPath>(p, ur, urc, r, rc);
 
   // 4. The mean, x', and the sum of squares over the valid elements.
   const T w = T(p.guidance_scale);
@@ -318,6 +352,17 @@ __device__ __forceinline__ T forward_unit(const StepParams& p, int64_t b, int64_
     const T mj = p.cfg ? m[j] + w * (mc[j] - m[j]) : m[j];
     T dmu_dm;
     ddim_mean<kClip, T>(k, x[j], mj, range, p.use_clipped, mu[j], dmu_dm);
+  }
+  if constexpr (kKL) {
+    T kl = T(0);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const T mj = p.cfg ? m[j] + w * (mc[j] - m[j]) : m[j];
+      const T rj = p.cfg ? r[j] + w * (rc[j] - r[j]) : r[j];
+      const T gap = ddim_mean_gap<kClip, T>(k, x[j], mj, rj, range, p.use_clipped);
+      if (kVecPath || j < count) kl += gap * gap;
+    }
+    *kl_sumsq = kl;
   }
   T stored[kVec];
   if (p.sample_noise) {
@@ -347,8 +392,9 @@ __device__ __forceinline__ T forward_unit(const StepParams& p, int64_t b, int64_
   return sumsq;
 }
 
-// Backward over one unit: grad_model_output = dmu/dm * (grad_prev_sample + c_b (x' - mu)).
-template <typename T, bool kClip, bool kVecPath>
+// Backward over one unit: grad_model_output = dmu/dm * (grad_prev_sample + c_b (x' - mu)), with kKL
+// k_b (mu - mu_ref) added to grad_prev_sample first, k_b = kl_grad_coef(inv_var, grad_kl[b], numel).
+template <typename T, bool kClip, bool kVecPath, bool kKL = false>
 __device__ __forceinline__ void backward_unit(const StepParams& p, int64_t b, int64_t i0) {
   const int64_t n = p.numel;
   const int64_t row = b * n + i0;
@@ -375,11 +421,16 @@ __device__ __forceinline__ void backward_unit(const StepParams& p, int64_t b, in
       gp[j] = (ok && has_gp) ? load_elem<T>(p.grad_prev_sample, p.grad_prev_sample_dtype, row + j) : T(0);
     }
   }
+  T r[kVec], rc[kVec];
+  Unit<T> ur, urc;
+  if constexpr (kKL) load_reference_unit<T, kVecPath>(p, row, row_c, count, ur, urc, r, rc);
 
   const StepCoef<T> k = make_step_coef<T>(load_scalar_param<T>(p.alpha_t, b), load_scalar_param<T>(p.alpha_prev, b),
                                           T(p.eta), p.prediction);
   const T glp = p.grad_log_prob != nullptr ? load_scalar_param<T>(p.grad_log_prob, b) : T(0);
   const T c = glp * k.inv_var / T(n);
+  const T gkl = (kKL && p.grad_kl != nullptr) ? load_scalar_param<T>(p.grad_kl, b) : T(0);
+  const T ck = kl_grad_coef(k.inv_var, gkl, n);
 
   if constexpr (kVecPath) {
     decode_unit(um, p.model_output_dtype, m);
@@ -393,6 +444,7 @@ __device__ __forceinline__ void backward_unit(const StepParams& p, int64_t b, in
       for (int j = 0; j < kVec; ++j) gp[j] = T(0);
     }
   }
+  if constexpr (kKL) decode_reference_unit<T, kVecPath>(p, ur, urc, r, rc);
 
   const T w = T(p.guidance_scale);
   const T range = T(p.clip_range);
@@ -402,7 +454,12 @@ __device__ __forceinline__ void backward_unit(const StepParams& p, int64_t b, in
     const T mj = p.cfg ? m[j] + w * (mc[j] - m[j]) : m[j];
     T mu, dmu_dm;
     ddim_mean<kClip, T>(k, x[j], mj, range, p.use_clipped, mu, dmu_dm);
-    g[j] = dmu_dm * (gp[j] + c * (xp[j] - mu));
+    T upstream = gp[j];
+    if constexpr (kKL) {  // the KL's d loss / d mu joins the upstream gradient of mu, as the CPU kernels add it
+      const T rj = p.cfg ? r[j] + w * (rc[j] - r[j]) : r[j];
+      upstream += ck * ddim_mean_gap<kClip, T>(k, x[j], mj, rj, range, p.use_clipped);
+    }
+    g[j] = dmu_dm * (upstream + c * (xp[j] - mu));
   }
 
   // With CFG the unconditional row gets (1 - w) g and the conditional row w g.

@@ -8,7 +8,8 @@
 // (B, N) tensor: element g is normal g % 4 of block g / 4, the DDIM kernels' stream), masked to its
 // chunk, so each block's Philox and Box-Muller run once. Each block writes the partial sum of
 // (x' - mean)^2 of its chunk (a fixed shared-memory tree) to workspace[sample * chunks + chunk]; a
-// finalize kernel adds each sample's partials in chunk order. Deterministic, no atomics, no host
+// finalize kernel adds each sample's partials in chunk order (the KL penalty's sums of
+// (mean - mean_ref)^2 likewise, in the workspace's second half). Deterministic, no atomics, no host
 // synchronisation or allocation: a step can be captured in a CUDA graph.
 //
 // The per-thread code is in flow_cuda_units.cuh (run on the CPU by flow_emulate.cpp). This first
@@ -29,17 +30,29 @@ namespace {
 
 using namespace flow_cuda;
 
+// With a reference output, the block's sum of (mean - mean_ref)^2 too, into the workspace's second
+// half (the same tree; the branch is uniform over the grid).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) flow_forward_kernel(const FlowArgs a, double cps_sin, int64_t chunks) {
   __shared__ T partial[kThreads];
+  __shared__ T kl_partial[kThreads];
+  const bool with_kl = a.reference_output != 0;
   const int64_t b = int64_t(blockIdx.x) / chunks, c = int64_t(blockIdx.x) % chunks;
-  partial[threadIdx.x] = forward_thread<T>(a, coef_of<T>(a, b, cps_sin), b, c, int(threadIdx.x));
+  T kl = T(0);
+  partial[threadIdx.x] = forward_thread<T>(a, coef_of<T>(a, b, cps_sin), b, c, int(threadIdx.x), &kl);
+  kl_partial[threadIdx.x] = kl;
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride >>= 1) {  // a fixed tree: deterministic
-    if (int(threadIdx.x) < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    if (int(threadIdx.x) < stride) {
+      partial[threadIdx.x] += partial[threadIdx.x + stride];
+      if (with_kl) kl_partial[threadIdx.x] += kl_partial[threadIdx.x + stride];
+    }
     __syncthreads();
   }
-  if (threadIdx.x == 0) reinterpret_cast<T*>(a.workspace)[blockIdx.x] = partial[0];
+  if (threadIdx.x == 0) {
+    reinterpret_cast<T*>(a.workspace)[blockIdx.x] = partial[0];
+    if (with_kl) reinterpret_cast<T*>(a.workspace)[a.batch * chunks + blockIdx.x] = kl_partial[0];
+  }
 }
 
 template <typename T>
@@ -104,7 +117,9 @@ void launch_backward(const FlowArgs& a) {
 
 void flow_forward_cuda(const FlowArgs& args) {
   validate_flow_args(args, /*backward=*/false);
-  if (args.workspace == 0) throw std::invalid_argument("workspace must be set (batch * chunks_per_sample(numel) values)");
+  if (args.workspace == 0)
+    throw std::invalid_argument(
+        "workspace must be set (batch * chunks_per_sample(numel) values, twice that with reference_output)");
   FlowDeviceGuard guard(args.device);
   args.compute == kFloat64 ? launch_forward<double>(args) : launch_forward<float>(args);
   if (args.old_log_prob != 0) ppo_forward_cuda(flow_ppo_args(args));  // same stream, after the finalize

@@ -49,11 +49,14 @@ DDPO_HD T store_as(uintptr_t base, int32_t dtype, int64_t index, T v) {
   }
 }
 
+// The guided velocity at element i of sample b, of the policy's model output or (`base`, its dtype)
+// the reference's.
 template <typename T>
-DDPO_HD T velocity(const FlowArgs& a, int64_t b, int64_t i) {
-  const T v = load_as<T>(a.model_output, a.model_output_dtype, b * a.numel + i);
+DDPO_HD T velocity(const FlowArgs& a, int64_t b, int64_t i, uintptr_t base = 0, int32_t dtype = kFloat32) {
+  if (base == 0) base = a.model_output, dtype = a.model_output_dtype;
+  const T v = load_as<T>(base, dtype, b * a.numel + i);
   if (!a.cfg) return v;
-  const T cond = load_as<T>(a.model_output, a.model_output_dtype, (a.batch + b) * a.numel + i);
+  const T cond = load_as<T>(base, dtype, (a.batch + b) * a.numel + i);
   return v + T(a.guidance_scale) * (cond - v);
 }
 
@@ -67,21 +70,28 @@ DDPO_HD FlowCoef<T> coef_of(const FlowArgs& a, int64_t b, double cps_sin) {
 // Thread `thread` of block (sample b, chunk c): whole Philox blocks q = first + thread, + kThreads, ...
 // of the flattened (B, N) tensor (element g is normal g % 4 of block g / 4), masked to the chunk's
 // elements [g0, g1). Writes x' (when sampling) and the mean (when asked); returns its sum of
-// (x' - mean)^2.
+// (x' - mean)^2. With a reference output (a given x'), its sum of (mean - mean_ref)^2 goes to *kl_acc.
 template <typename T>
-DDPO_HD T forward_thread(const FlowArgs& a, const FlowCoef<T>& k, int64_t b, int64_t c, int thread) {
+DDPO_HD T forward_thread(const FlowArgs& a, const FlowCoef<T>& k, int64_t b, int64_t c, int thread,
+                         T* kl_acc = nullptr) {
   const int64_t i0 = c * kChunk, i1 = a.numel < i0 + kChunk ? a.numel : i0 + kChunk;
   const int64_t g0 = b * a.numel + i0, g1 = b * a.numel + i1;
   const bool philox = a.sample_noise && a.noise == 0;
-  T acc = T(0);
+  const bool with_kl = a.reference_output != 0;
+  T acc = T(0), kl = T(0);
   for (int64_t q = (g0 >> 2) + thread; q <= ((g1 - 1) >> 2); q += kThreads) {
     float z[4] = {0.f, 0.f, 0.f, 0.f};
     if (philox) philox_normal4(uint64_t(q), a.offset, a.seed, z);
     for (int lane = 0; lane < 4; ++lane) {
       const int64_t g = 4 * q + lane;
       if (g < g0 || g >= g1) continue;
-      const T mean = k.cx * load_as<T>(a.sample, a.sample_dtype, g) + k.cm * velocity<T>(a, b, g - b * a.numel);
+      const T v = velocity<T>(a, b, g - b * a.numel);
+      const T mean = k.cx * load_as<T>(a.sample, a.sample_dtype, g) + k.cm * v;
       if (a.prev_sample_mean != 0) reinterpret_cast<T*>(a.prev_sample_mean)[g] = mean;
+      if (with_kl) {  // mean - mean_ref = cm (v - v_ref): exactly 0 for v == v_ref
+        const T gap = k.cm * (v - velocity<T>(a, b, g - b * a.numel, a.reference_output, a.reference_output_dtype));
+        kl += gap * gap;
+      }
       T xp;
       if (a.sample_noise) {
         const T noise = philox ? T(z[lane]) : load_as<T>(a.noise, a.noise_dtype, g);
@@ -93,10 +103,12 @@ DDPO_HD T forward_thread(const FlowArgs& a, const FlowCoef<T>& k, int64_t b, int
       acc += d * d;
     }
   }
+  if (with_kl) *kl_acc = kl;
   return acc;
 }
 
-// log_prob[b] from sample b's partials (workspace, added in chunk order) and std_dev_t[b].
+// log_prob[b] from sample b's partials (workspace, added in chunk order) and std_dev_t[b]; with a
+// reference output, kl[b] from the workspace's second half.
 template <typename T>
 DDPO_HD void finalize_sample(const FlowArgs& a, double cps_sin, int64_t chunks, int64_t b) {
   const T* workspace = reinterpret_cast<const T*>(a.workspace);
@@ -105,17 +117,26 @@ DDPO_HD void finalize_sample(const FlowArgs& a, double cps_sin, int64_t chunks, 
   const FlowCoef<T> k = coef_of<T>(a, b, cps_sin);
   reinterpret_cast<T*>(a.log_prob)[b] = k.lp_scale * sumsq / T(a.numel) + k.lp_shift;
   if (a.std_dev_t != 0) reinterpret_cast<T*>(a.std_dev_t)[b] = k.std_dev_t;
+  if (a.reference_output == 0) return;
+  T kl_sumsq = T(0);
+  for (int64_t c = 0; c < chunks; ++c) kl_sumsq += workspace[(a.batch + b) * chunks + c];
+  reinterpret_cast<T*>(a.kl)[b] = kl_from_sumsq<T>(k.inv_var, kl_sumsq, a.numel);
 }
 
-// grad_model_output at flat element g = b N + i: cm (grad_prev + grad_mean + c_b (x' - mean)), split
-// (1 - w, w) over the CFG halves.
+// grad_model_output at flat element g = b N + i: cm (grad_prev + grad_mean + c_b (x' - mean) + k_b
+// (mean - mean_ref)), split (1 - w, w) over the CFG halves; the KL term with grad_kl only.
 template <typename T>
 DDPO_HD void backward_element(const FlowArgs& a, double cps_sin, int64_t g) {
   const int64_t b = g / a.numel, i = g - b * a.numel;
   const FlowCoef<T> k = coef_of<T>(a, b, cps_sin);
   const T c = T(-2) * k.lp_scale * reinterpret_cast<const T*>(a.grad_log_prob)[b] / T(a.numel);
-  const T mean = k.cx * load_as<T>(a.sample, a.sample_dtype, g) + k.cm * velocity<T>(a, b, i);
+  const T v = velocity<T>(a, b, i);
+  const T mean = k.cx * load_as<T>(a.sample, a.sample_dtype, g) + k.cm * v;
   T up = c * (load_as<T>(a.prev_sample, a.prev_sample_dtype, g) - mean);
+  if (a.grad_kl != 0) {  // + d KL / d mean: mean - mean_ref = cm (v - v_ref)
+    const T ck = kl_grad_coef<T>(k.inv_var, reinterpret_cast<const T*>(a.grad_kl)[b], a.numel);
+    up += ck * (k.cm * (v - velocity<T>(a, b, i, a.reference_output, a.reference_output_dtype)));
+  }
   if (a.grad_prev_sample != 0) up += load_as<T>(a.grad_prev_sample, a.grad_prev_sample_dtype, g);
   if (a.grad_prev_sample_mean != 0) up += load_as<T>(a.grad_prev_sample_mean, a.grad_prev_sample_mean_dtype, g);
   const T grad = k.cm * up;
