@@ -25,12 +25,17 @@ build: $(VENV)/.installed
 test: build
 	$(PY) -m pytest -q -ra -n 2 tests
 
+# The pretrained `shapes` model finetuned on JPEG compressibility (preset shapes-compressibility; why
+# those settings: the comment above it in ddpo_fast/config.py), then the base and the finetuned model
+# on the run's fixed evaluation prompts and seeds: runs/demo/eval/comparison.png.
 demo: build
 	rm -rf $(DEMO_DIR)
-	$(PY) -m ddpo_fast.train --preset tiny-compressibility --run-dir $(DEMO_DIR)
-	@echo "reward per epoch: $(DEMO_DIR)/metrics.jsonl"
+	$(PY) -m ddpo_fast.train --preset shapes-compressibility --run-dir $(DEMO_DIR)
+	$(PY) -m ddpo_fast.evaluate --finetuned $(DEMO_DIR)
+	@echo "reward per epoch: $(DEMO_DIR)/metrics.jsonl (eval/reward_mean: the fixed prompts every 5 epochs)"
 	@echo "sample grids:     $(DEMO_DIR)/samples/"
 	@echo "reward curve:     $(DEMO_DIR)/reward_curve.png"
+	@echo "base | finetuned: $(DEMO_DIR)/eval/comparison.png"
 
 bench: build
 	$(PY) benchmarks/ops.py
