@@ -2,27 +2,33 @@
 per sample, for ddpo_fast and trl 0.23.1's DDPOTrainer; the paper's algorithms side by side; and the
 reward on held-out prompts before and after finetuning.
 
-    OMP_NUM_THREADS=1 python benchmarks/learning.py [--quick] [--seeds 0,1,2] [--epochs N] [--level R]
-        [--parts speed,algorithms,heldout] [--out benchmarks/results/learning] [key=value ...]
+    OMP_NUM_THREADS=1 python benchmarks/learning.py [--quick] [--seeds 0,1,2] [--epochs 15] [--gain 0.1]
+        [--parts speed,algorithms,heldout] [--jobs 2] [--out benchmarks/results/learning] [key=value ...]
 
-Three parts, each trainer run in a subprocess of its own, two at a time (`--jobs`; the machines are
-shared, so the two trainers of a seed run side by side and see the same load):
+The reward is JPEG compressibility (SETTINGS; `reward=shapes_alignment` to measure the judge instead):
+on this model the judge's reward did not rise in any setting tried (BENCHMARKS.md), so the time to
+reach a level of it is not measurable. Each trainer runs in a subprocess of its own, `--jobs` at a
+time (one thread each): a seed's ddpo_fast and trl runs side by side, so both see the same load on
+a shared machine, then its DDPO-SF and RWR runs.
 
 - speed: ddpo_fast and trl's `DDPOTrainer` finetune the same saved pipeline directory (the shipped
   `ddpo_fast/weights/shapes`) on the same reward function with the same hyperparameters (SETTINGS, which
-  both trainers have: DDPO-IS, per-prompt advantages, random trained steps). Per epoch: the samples
-  so far, the seconds of the epochs so far (sampling, reward and training; not the evaluations) and the
-  epoch's mean reward. Every `--eval-every` epochs (and after the last) both are evaluated the same
-  way on fixed prompts and seeds (FIXED_PROMPTS x --eval-seeds, the same noise for every model and
-  checkpoint). Headline: the seconds and samples until the fixed-prompt reward first reaches --level.
-- algorithms: ddpo_fast with `train.algorithm` = ddpo_is, ddpo_sf, rwr at equal samples (the ddpo_is
-  runs are those of the speed part).
-- heldout: every final model, and the base, on prompts of `shapes_heldout` (colour-shape pairs the
-  training prompts never ask for).
+  both trainers have: DDPO-IS, per-prompt advantages, K random trained steps, two optimizer steps per
+  epoch). Per epoch: the samples so far, the seconds of the epochs so far (sampling, reward and
+  training; not the evaluations) and the epoch's mean reward. Every `--eval-every` epochs (and after
+  the last) both are evaluated the same way on fixed prompts and seeds (`--eval-prompts` captions of
+  `shapes` x `--eval-seeds`, the same noise for every model). Headline: the seconds and samples until
+  the fixed-prompt reward first reaches the base model's + `--gain`.
+- algorithms: ddpo_fast with `train.algorithm` = ddpo_is (the speed part's runs), ddpo_sf (one
+  optimizer step per epoch: REINFORCE is on-policy, as in the paper) and rwr, at equal samples.
+- heldout: every final model, and the base, on captions of `shapes_heldout` (colour-shape pairs the
+  training prompts never ask for): the reward, and the shapes_alignment judge (what the finetuning did
+  to prompt following).
 
-Writes OUT/curves.csv (one row per run and epoch), OUT/summary.csv, OUT/learning.png (reward against
-seconds and against samples; the algorithms against samples), and prints the tables of BENCHMARKS.md.
-`--quick` runs one seed of two epochs of 16 samples per trainer (a smoke run of the whole path).
+Writes OUT/curves.csv (one row per run and epoch), OUT/summary.csv, OUT/learning.png (the fixed-prompt
+reward against seconds and against samples; the algorithms against samples) and prints the table of
+BENCHMARKS.md. `--quick`: one seed, two epochs of 8 samples, 2 prompts x 1 seed evaluated (a smoke
+run of the whole path).
 """
 from __future__ import annotations
 
