@@ -25,10 +25,10 @@ a shared machine, then its DDPO-SF and RWR runs.
   training prompts never ask for): the reward, and the shapes_alignment judge (what the finetuning did
   to prompt following).
 
-Writes OUT/curves.csv (one row per run and epoch), OUT/summary.csv, OUT/learning.png (the fixed-prompt
-reward against seconds and against samples; the algorithms against samples) and prints the table of
-BENCHMARKS.md. `--quick`: one seed, two epochs of 8 samples, 2 prompts x 1 seed evaluated (a smoke
-run of the whole path).
+Writes OUT/learning_curves.csv (one row per run and epoch), OUT/learning_summary.csv and
+OUT/learning.png (the fixed-prompt reward against seconds and against samples; the algorithms against
+samples), and prints the table of BENCHMARKS.md. `--quick`: one seed, two epochs of 8 samples, 2
+prompts x 1 seed evaluated (a smoke run of the whole path).
 """
 from __future__ import annotations
 
@@ -303,7 +303,7 @@ def main() -> int:
                         help="the headline's level: the base model's fixed-prompt reward + GAIN")
     parser.add_argument("--parts", default="speed,algorithms,heldout")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each by default)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "learning"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -352,7 +352,7 @@ def main() -> int:
     for r in results:
         for p in r["curve"]:
             rows.append({"run": r["name"], "seed": r["seed"], **p})
-    with open(out / "curves.csv", "w", newline="") as f:
+    with open(out / "learning_curves.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["run", "seed", "epoch", "samples", "seconds", "reward", "eval_reward"])
         writer.writeheader()
         writer.writerows(rows)
@@ -392,10 +392,11 @@ def main() -> int:
         summary.append(row)
         print(f"| {row['run']} | {row['seeds']} | {row['samples']} | {fmt(row['epoch_seconds'], '.1f')} | "
               f"{base_eval:.3f} -> {fmt(row['eval_final'])} ({row['eval_final_per_seed']}) | "
-              f"{fmt(row['seconds_to_level'], '.0f')} ({row['reached']} seeds) | {fmt(row['samples_to_level'], '.0f')} | "
+              f"{fmt(row['seconds_to_level'], '.0f')} ({row['reached']} seeds) | "
+              f"{fmt(row['samples_to_level'], '.0f')} | "
               f"{fmt(base_heldout['reward'])} -> {fmt(row['heldout_final'])} | "
               f"{fmt(base_heldout['judge'])} -> {fmt(row['heldout_judge_final'])} |")
-    with open(out / "summary.csv", "w", newline="") as f:
+    with open(out / "learning_summary.csv", "w", newline="") as f:
         extra = ["base_eval", "base_judge", "base_heldout", "base_heldout_judge", "level", "settings"]
         writer = csv.DictWriter(f, fieldnames=list(summary[0]) + extra)
         writer.writeheader()
@@ -404,8 +405,8 @@ def main() -> int:
                              "base_heldout": base_heldout["reward"], "base_heldout_judge": base_heldout["judge"],
                              "level": level, "settings": " ".join([*SETTINGS, *args.overrides])})
     plot(results, base_eval, level, c.reward, out / "learning.png")
-    print(f"\n{time.perf_counter() - started:.0f} s in all; wrote {out / 'curves.csv'}, {out / 'summary.csv'}, "
-          f"{out / 'learning.png'}")
+    print(f"\n{time.perf_counter() - started:.0f} s in all; wrote {out / 'learning_curves.csv'}, "
+          f"{out / 'learning_summary.csv'}, {out / 'learning.png'}")
     return 0
 
 
