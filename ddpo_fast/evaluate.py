@@ -3,9 +3,10 @@
     python -m ddpo_fast.evaluate --finetuned RUN_DIR [--base MODEL] [--reward NAME]
         [--prompts "cat,dog,a red car"] [--seeds 0,1,2] [--out DIR] [--device cuda:0] [--batch-size 16]
 
-RUN_DIR is a trainer run directory (its config.json names the base model, the reward and the
-sampler settings; the finetuned weights are RUN_DIR/unet, RUN_DIR/transformer or RUN_DIR/lora), or
-a diffusers UNet or transformer directory (then give --base). Writes OUT/comparison.png (one row per prompt and seed: base |
+RUN_DIR is a trainer run directory (its config.json names the base model, the reward, the
+sampler settings and, if the run had them, its eval_prompts and eval_seeds, the defaults of --prompts
+and --seeds; the finetuned weights are RUN_DIR/unet, RUN_DIR/transformer or RUN_DIR/lora), or a
+diffusers UNet or transformer directory (then give --base). Writes OUT/comparison.png (one row per prompt and seed: base |
 finetuned, captioned with the rewards) and OUT/rewards.json + OUT/rewards.md (mean, std, per prompt).
 The default prompts include some that the built-in training sets never use. Sampling runs on the
 GPU when there is one (in the run's mixed precision), batched over prompts.
@@ -100,11 +101,14 @@ def default_device() -> torch.device:
 def evaluate(finetuned: Path, out: Path, base: str | None = None, reward: str | None = None,
              prompts: list[str] | None = None, seeds: list[int] | None = None, reward_options: str = "",
              device: torch.device | str | None = None, batch_size: int = 16) -> dict:
-    prompts = prompts or DEFAULT_PROMPTS
-    seeds = seeds or [0, 1]
     device = torch.device(device) if device is not None else default_device()
     tuned_model, run_config = load_finetuned(Path(finetuned), base)
     config = run_config or cfg.from_preset()
+    if not prompts:  # the run's own evaluation prompts and seeds, if it had them
+        run_prompts = [p.strip() for p in config.eval_prompts.split(",") if p.strip()] if run_config else []
+        prompts = run_prompts or DEFAULT_PROMPTS
+    if not seeds:
+        seeds = [int(x) for x in config.eval_seeds.split(",")] if run_config else [0, 1]
     # The run's reward with the run's options (e.g. aesthetic's model paths) and reward_device, unless one is given.
     if reward:
         reward_fn = build_reward(reward, **parse_options(reward_options))
@@ -153,15 +157,16 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default=None, help="base model (default: the run's model)")
     parser.add_argument("--reward", default=None, help="reward (default: the run's reward and reward_options)")
     parser.add_argument("--reward-options", default="", help="options of --reward, key=value,key=value")
-    parser.add_argument("--prompts", default=None, help="comma-separated prompts")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    parser.add_argument("--prompts", default=None, help="comma-separated prompts (default: the run's eval_prompts, "
+                                                         "if it has them, else a few built-in ones)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the run's eval_seeds, 0,1)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval for a run, "
                                                          "eval-NAME beside a model folder NAME)")
     parser.add_argument("--device", default=None, help="sampling device (default: cuda if there is a GPU, else cpu)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts sampled at once (default 16)")
     args = parser.parse_args(argv)
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     prompts = [p.strip() for p in args.prompts.split(",")] if args.prompts else None

@@ -14,10 +14,11 @@ from train_helpers import TINY, run_train
 
 def test_evaluate_run_directory(tmp_path):
     run = tmp_path / "run"
-    run_train(["--run-dir", str(run), *TINY, "num_epochs=1", "train.learning_rate=3e-2", "train.clip_range=0.5"])
+    run_train(["--run-dir", str(run), *TINY, "num_epochs=1", "train.learning_rate=3e-2", "train.clip_range=0.5",
+               "eval_prompts=cat,a red car", "eval_seeds=5"])
     out = tmp_path / "eval"
-    assert evaluate.main(["--finetuned", str(run), "--prompts", "cat,a red car", "--seeds", "0,1",
-                          "--out", str(out)]) == 0
+    # --prompts defaults to the run's eval_prompts; --seeds given wins over its eval_seeds
+    assert evaluate.main(["--finetuned", str(run), "--seeds", "0,1", "--out", str(out)]) == 0
     result = json.loads((out / "rewards.json").read_text())
     assert result["reward"] == "jpeg_compressibility" and result["seeds"] == [0, 1]
     assert set(result["base"]["per_prompt"]) == {"cat", "a red car"}  # "a red car" was never trained on
