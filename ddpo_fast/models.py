@@ -117,7 +117,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     torch.manual_seed(seed + 1)
     vae = _tiny_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, **TINY_CLIP))
     scheduler = DDIMScheduler(**scheduler_config())
     _eval(unet, vae, text_encoder)
     return StableDiffusionPipeline(
@@ -135,12 +135,15 @@ def _tiny_vae(latent_channels: int = 4, **config) -> AutoencoderKL:
     )
 
 
-def _tiny_clip_config(tokenizer, **config) -> CLIPTextConfig:
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _clip_config(tokenizer, **sizes) -> CLIPTextConfig:
+    """A CLIP text encoder's config of the given sizes for `tokenizer` (its vocabulary, length, special tokens)."""
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **config,
+        pad_token_id=tokenizer.pad_token_id, **sizes,
     )
 
 
@@ -165,8 +168,8 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED) -> StableDiffusionXLPipeline
     torch.manual_seed(seed + 1)
     vae = _tiny_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, projection_dim=32))
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, **TINY_CLIP))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, **TINY_CLIP, projection_dim=32))
     _eval(unet, vae, text_encoder, text_encoder_2)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
@@ -191,8 +194,8 @@ def build_tiny_sd3_pipeline(seed: int = TINY_SEED) -> StableDiffusion3Pipeline:
     torch.manual_seed(seed + 1)
     vae = _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, projection_dim=32))
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, projection_dim=32))
+    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, **TINY_CLIP, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, **TINY_CLIP, projection_dim=32))
     _eval(transformer, vae, text_encoder, text_encoder_2)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
@@ -226,12 +229,8 @@ def build_sd15_random_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**SD15_VAE)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=SD15_MAX_LENGTH, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, hidden_size=768, intermediate_size=3072,
+                                              num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"))
     for module in (unet, vae, text_encoder):
         module.eval()
     return StableDiffusionPipeline(
@@ -264,9 +263,7 @@ def build_sd35m_random_pipeline(seed: int = TINY_SEED) -> StableDiffusion3Pipeli
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**SD35M_VAE)
     torch.manual_seed(seed + 2)
-    clip_l, clip_g = (CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=SD15_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **clip)) for clip in SD35M_CLIPS)
+    clip_l, clip_g = (CLIPTextModelWithProjection(_clip_config(tokenizer, **clip)) for clip in SD35M_CLIPS)
     _eval(transformer, vae, clip_l, clip_g)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_l,

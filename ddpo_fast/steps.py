@@ -61,11 +61,8 @@ class DdimStep:
 
     def kl(self, out, reference_out, x, indices, *, guidance_scale):
         alpha_t, alpha_prev = self._alphas(indices)
-        (mean, std), (reference_mean, _) = (
-            reference.ddim_mean(o.float(), x.float(), alpha_t, alpha_prev, self.eta, guidance_scale=guidance_scale,
-                                **self.policy)
-            for o in (out, reference_out.detach()))
-        return _gaussian_kl(mean, reference_mean, std)
+        return reference.ddim_kl(out.float(), reference_out.float(), alpha_t, alpha_prev, eta=self.eta,
+                                 guidance_scale=guidance_scale, sample=x.float(), **self.policy)
 
 
 class FlowSdeStep:
@@ -114,10 +111,4 @@ class FlowSdeStep:
             flow_reference.flow_sde_mean(o.float(), x.float(), sigma, sigma_prev, guidance_scale=guidance_scale,
                                          **self._policy())
             for o in (out, reference_out.detach()))
-        return _gaussian_kl(mean, reference_mean, std)
-
-
-def _gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between Gaussians of the same std around two means, per sample, mean over the elements
-    (the log-probability's convention)."""
-    return ((mean - reference_mean) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)
+        return reference.gaussian_kl(mean, reference_mean, std)

@@ -45,6 +45,7 @@ from ddpo_fast.distributed import log, mean_across_ranks
 from ddpo_fast.engines import DeepSpeedEngine, TorchEngine, prepare_denoiser
 from ddpo_fast.families import ModelFamily
 from ddpo_fast.precision import Precision
+from ddpo_fast.reference import add_kl_penalty
 from ddpo_fast.models import check_model_source
 from ddpo_fast.prompts import check_prompt_fn, get_prompt_fn
 from ddpo_fast.rewards import RewardError, RewardPool
@@ -345,8 +346,8 @@ class Trainer:
         stats = {"approx_kl": 0.5 * (log_ratio**2).mean(),
                  "clipfrac": ((log_ratio.exp() - 1).abs() > t.clip_range).float().mean(), "log_prob": log_prob.detach()}
         if reference_output is not None:
-            kl = self.step.kl(out, reference_output, x, indices, guidance_scale=self.train_guidance).mean()
-            loss, stats["kl"] = loss + t.kl_beta * kl, kl.detach()
+            kl = self.step.kl(out, reference_output, x, indices, guidance_scale=self.train_guidance)
+            loss, stats = add_kl_penalty(loss, stats, kl, t.kl_beta)
         return loss, stats
 
 
